@@ -1,0 +1,24 @@
+"""xmodal Python client. Imports only grpc, protobuf and the generated stubs.
+
+    from xmodal.client import SearchClient
+"""
+
+from ._client import Hit, Item, SearchClient, SearchResult, Status
+from ._errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+    XmodalError,
+)
+
+__all__ = [
+    "SearchClient", "SearchResult", "Hit", "Item", "Status",
+    "XmodalError", "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted",
+    "Unauthenticated", "PermissionDenied", "Unavailable", "DeadlineExceeded", "ServerError",
+]

@@ -1,0 +1,181 @@
+"""SearchClient: a typed Python client for the xmodal gRPC API (grpc + numpy only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from xmodal.v1 import xmodal_pb2 as pb
+from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
+
+from ._errors import InvalidArgument, Unavailable, XmodalError, map_errors
+
+_MODALITY_NAMES = {pb.MODALITY_IMAGE: "image", pb.MODALITY_TEXT: "text", pb.MODALITY_UNSPECIFIED: "unspecified"}
+_MODALITY_VALUES = {"image": pb.MODALITY_IMAGE, "text": pb.MODALITY_TEXT, None: pb.MODALITY_UNSPECIFIED}
+
+
+@dataclass(frozen=True)
+class Hit:
+    item_id: str
+    score: float
+    modality: str  # "image" or "text"
+    text: str
+    source: str
+    metadata: dict
+    rank: int
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[Hit]
+    snapshot_id: str
+    timing: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    modality: str
+    text: str
+    image: bytes
+    source: str
+    metadata: dict
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class Status:
+    serving: bool
+    snapshot_id: str
+    encoder: str
+    head_kind: str
+    counts: dict  # {"image": {"catalog_items": n, "indexed": n}, "text": {...}}
+    version: str
+    uptime_s: float
+    max_k: int
+    metrics: dict
+    raw: object = field(repr=False, default=None)
+
+
+class SearchClient:
+    """Client for an xmodal server.
+
+    Example::
+
+        with SearchClient("127.0.0.1:50051") as client:
+            for hit in client.search(text="left upper lobe nodule", k=5):
+                print(hit.rank, hit.score, hit.item_id)
+
+    Args:
+        target: "host:port" of the server.
+        timeout: default deadline per call, in seconds.
+        channel: an existing grpc.Channel to use instead of opening one.
+
+    Every method raises xmodal.client errors (InvalidArgument, NotFound,
+    FailedPrecondition, ResourceExhausted, Unavailable, ...), never grpc.RpcError.
+    """
+
+    def __init__(self, target: str, *, timeout: float = 30.0, channel: grpc.Channel | None = None):
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel or grpc.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                             ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        self._search = pb_grpc.SearchServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> "SearchClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def search(self, *, text: str | None = None, image: bytes | str | Path | None = None,
+               item_id: str | None = None, target: str | None = None, k: int = 10,
+               timeout: float | None = None) -> SearchResult:
+        """Search with exactly one of ``text``, ``image`` (bytes or a file path) or ``item_id``.
+
+        Args:
+            target: "image", "text", or None for the other modality than the query's.
+            k: number of hits (the server's limit is in :meth:`status`).
+        """
+        given = [v for v in (text, image, item_id) if v is not None]
+        if len(given) != 1:
+            raise InvalidArgument("pass exactly one of text=, image= or item_id=")
+        if target not in _MODALITY_VALUES:
+            raise InvalidArgument(f"target must be 'image', 'text' or None, got {target!r}")
+        if isinstance(image, (str, Path)):
+            image = Path(image).read_bytes()
+        if text is not None:
+            query = pb.Query(text=text)
+        elif image is not None:
+            query = pb.Query(image=bytes(image))
+        else:
+            query = pb.Query(item_id=item_id)
+        request = pb.SearchRequest(query=query, target=_MODALITY_VALUES[target], k=k)
+        with map_errors(self.target):
+            response = self._search.Search(request, timeout=timeout or self.timeout)
+        timing = {name: getattr(response.timing, name) for name in ("encode_ms", "head_ms", "search_ms", "total_ms")}
+        return SearchResult(
+            hits=[Hit(h.item_id, h.score, _MODALITY_NAMES[h.modality], h.text, h.source,
+                      json.loads(h.metadata_json or "{}"), h.rank) for h in response.hits],
+            snapshot_id=response.snapshot_id, timing=timing,
+        )
+
+    def get_items(self, item_ids: Sequence[str], *, metadata_only: bool = False,
+                  timeout: float | None = None) -> list[Item]:
+        """Items' content (image bytes or text) and metadata, in the order asked."""
+        if isinstance(item_ids, str):
+            item_ids = [item_ids]
+        with map_errors(self.target):
+            response = self._search.GetItems(pb.GetItemsRequest(item_ids=list(item_ids), metadata_only=metadata_only),
+                                             timeout=timeout or self.timeout)
+        return [Item(i.item_id, _MODALITY_NAMES[i.modality], i.text, i.image, i.source,
+                     json.loads(i.metadata_json or "{}"), i.content_hash) for i in response.items]
+
+    def status(self, *, timeout: float | None = None) -> Status:
+        with map_errors(self.target):
+            r = self._search.GetStatus(pb.GetStatusRequest(), timeout=timeout or self.timeout)
+        return Status(
+            serving=r.serving, snapshot_id=r.snapshot.snapshot_id, encoder=r.snapshot.encoder,
+            head_kind=r.snapshot.head_kind,
+            counts={_MODALITY_NAMES[c.modality]: {"catalog_items": c.catalog_items, "indexed": c.indexed}
+                    for c in r.counts},
+            version=r.version, uptime_s=r.uptime_s, max_k=r.max_k,
+            metrics=json.loads(r.snapshot.metrics_json or "{}"), raw=r,
+        )
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard health check: "SERVING", "NOT_SERVING", ..."""
+        with map_errors(self.target):
+            r = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Block until the server answers health checks with SERVING (or raise Unavailable)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health(timeout=2.0)
+                if last == "SERVING":
+                    return
+            except XmodalError as exc:  # not up yet: keep polling until the deadline
+                last = str(exc)
+            time.sleep(0.1)
+        raise Unavailable(f"server at {self.target} not SERVING after {timeout:.0f} s (last: {last})")

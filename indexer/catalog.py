@@ -1,0 +1,235 @@
+"""The catalog: one SQLite database (WAL) per data directory, the source of truth.
+
+Tables: items, pairs, snapshots, meta. Every write is one transaction, so a crash
+leaves either the old or the new state. Connections are per thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .corpus import IMAGE, MODALITIES, TEXT, CorpusItem, CorpusPair
+from .errors import FailedPrecondition
+
+SCHEMA_VERSION = 1
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    modality TEXT NOT NULL CHECK (modality IN ('image', 'text')),
+    text TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT '',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    content_hash TEXT NOT NULL,
+    shard INTEGER,            -- base/<modality>/shard-<n>.npy holding its base vector
+    row INTEGER,              -- row in that shard
+    error TEXT,               -- why it could not be embedded (undecodable image)
+    added_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_pending ON items (modality, shard);
+CREATE TABLE IF NOT EXISTS pairs (
+    image_id TEXT NOT NULL REFERENCES items(id),
+    text_id TEXT NOT NULL REFERENCES items(id),
+    split TEXT NOT NULL CHECK (split IN ('train', 'val', 'test')),
+    PRIMARY KEY (image_id, text_id)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    parent_id TEXT,
+    manifest TEXT NOT NULL
+);
+"""
+
+
+def split_for(image_id: str, fractions: Sequence[float] = SPLIT_FRACTIONS) -> str:
+    """Deterministic split of a pair, by its image id: every text of one image lands in
+    the same split, so no image is both trained on and tested on."""
+    bucket = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") / 2**64
+    if bucket < fractions[0]:
+        return "train"
+    if bucket < fractions[0] + fractions[1]:
+        return "val"
+    return "test"
+
+
+class Catalog:
+    """Thread-safe access to catalog.sqlite (one connection per thread)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = self.db()
+        db.executescript(_SCHEMA)  # idempotent; executescript commits on its own
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    # -- connections -------------------------------------------------------------
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    def tx(self):
+        return _Transaction(self.db())
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- meta ----------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def bind_encoder(self, identity: str, *, model: str, pretrained: str | None) -> None:
+        """Record the encoder on first use (with the model arguments, so that `xmodal serve`
+        can default to them); refuse another one later (base vectors from two encoders
+        cannot share an index)."""
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'encoder'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('encoder', ?)", (identity,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('model', ?)", (json.dumps([model, pretrained]),))
+            elif row[0] != identity:
+                raise FailedPrecondition(
+                    f"this data directory was built with encoder {row[0]}, not {identity}: "
+                    "use the same --model/--pretrained, or a new --data directory"
+                )
+
+    # -- items and pairs -------------------------------------------------------------
+    def upsert_items(self, items: Iterable[tuple[CorpusItem, str]]) -> dict[str, int]:
+        """Insert items with their content hashes; an item whose content changed is
+        re-queued for embedding; an unchanged one is left alone. Returns counts."""
+        counts = {"added": 0, "changed": 0, "unchanged": 0}
+        now = time.time()
+        with self.tx() as db:
+            for item, content_hash in items:
+                row = db.execute("SELECT content_hash FROM items WHERE id = ?", (item.id,)).fetchone()
+                values = (item.modality, item.text, item.source, json.dumps(item.metadata, sort_keys=True), content_hash)
+                if row is None:
+                    db.execute(
+                        "INSERT INTO items (modality, text, source, metadata, content_hash, id, added_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (*values, item.id, now))
+                    counts["added"] += 1
+                elif row[0] != content_hash:
+                    db.execute(
+                        "UPDATE items SET modality=?, text=?, source=?, metadata=?, content_hash=?, "
+                        "shard=NULL, row=NULL, error=NULL WHERE id=?", (*values, item.id))
+                    counts["changed"] += 1
+                else:
+                    counts["unchanged"] += 1
+        return counts
+
+    def add_pairs(self, pairs: Iterable[CorpusPair]) -> int:
+        added = 0
+        with self.tx() as db:
+            for pair in pairs:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO pairs (image_id, text_id, split) VALUES (?, ?, ?)",
+                    (pair.image_id, pair.text_id, pair.split or split_for(pair.image_id)))
+                added += cur.rowcount
+        return added
+
+    def pending(self, modality: str) -> list[sqlite3.Row]:
+        """Items of a modality without a base vector and without a recorded failure."""
+        return self.db().execute(
+            "SELECT id, text, source FROM items WHERE modality = ? AND shard IS NULL AND error IS NULL ORDER BY id",
+            (modality,)).fetchall()
+
+    def set_embedded(self, shard: int, ids: Sequence[str]) -> None:
+        with self.tx() as db:
+            db.executemany("UPDATE items SET shard = ?, row = ? WHERE id = ?",
+                           [(shard, row, item_id) for row, item_id in enumerate(ids)])
+
+    def set_failed(self, failures: dict[str, str]) -> None:
+        with self.tx() as db:
+            db.executemany("UPDATE items SET error = ? WHERE id = ?", [(err, i) for i, err in failures.items()])
+
+    def failed(self, modality: str = IMAGE) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in self.db().execute(
+            "SELECT id, error FROM items WHERE modality = ? AND error IS NOT NULL ORDER BY id", (modality,))]
+
+    def embedded(self, modality: str) -> list[tuple[str, int, int]]:
+        """(id, shard, row) of every embedded item of a modality, in index order."""
+        return [(r[0], r[1], r[2]) for r in self.db().execute(
+            "SELECT id, shard, row FROM items WHERE modality = ? AND shard IS NOT NULL ORDER BY shard, row",
+            (modality,))]
+
+    def used_shards(self, modality: str) -> set[int]:
+        return {r[0] for r in self.db().execute(
+            "SELECT DISTINCT shard FROM items WHERE modality = ? AND shard IS NOT NULL", (modality,))}
+
+    def count_items(self) -> dict[str, int]:
+        counts = dict.fromkeys(MODALITIES, 0)
+        for modality, n in self.db().execute("SELECT modality, COUNT(*) FROM items GROUP BY modality"):
+            counts[modality] = n
+        return counts
+
+    def count_pairs(self) -> dict[str, int]:
+        counts = {"train": 0, "val": 0, "test": 0}
+        for split, n in self.db().execute("SELECT split, COUNT(*) FROM pairs GROUP BY split"):
+            counts[split] = n
+        return counts
+
+    def pairs(self, split: str | None = None) -> list[tuple[str, str]]:
+        query = "SELECT image_id, text_id FROM pairs"
+        args: tuple = ()
+        if split:
+            query += " WHERE split = ?"
+            args = (split,)
+        return [(r[0], r[1]) for r in self.db().execute(query + " ORDER BY image_id, text_id", args)]
+
+    def get_items(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
+        """Rows for the given ids (missing ids are simply absent)."""
+        out: dict[str, sqlite3.Row] = {}
+        ids = list(dict.fromkeys(ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db().execute(
+                    f"SELECT id, modality, text, source, metadata, content_hash FROM items WHERE id IN ({marks})", chunk):
+                out[row["id"]] = row
+        return out
+
+    # -- snapshots --------------------------------------------------------------------
+    def record_snapshot(self, manifest: dict) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO snapshots (id, created_at, parent_id, manifest) VALUES (?, ?, ?, ?)",
+                       (manifest["id"], manifest["created_at"], manifest.get("parent_id"), json.dumps(manifest)))
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK around a block (autocommit connections)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+__all__ = ["Catalog", "split_for", "text_hash", "IMAGE", "TEXT"]

@@ -1,0 +1,63 @@
+"""Retrieval metrics: recall@k and MRR for text->image and image->text."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def retrieval_metrics(queries: np.ndarray, gallery: np.ndarray, relevant: list[set[int]],
+                      ks=DEFAULT_KS, chunk: int = 1024) -> dict[str, float]:
+    """Recall@k (a hit if any relevant item is in the top k) and MRR of the first relevant.
+
+    Args:
+        queries: (Q, d) normalised query vectors.
+        gallery: (G, d) normalised gallery vectors.
+        relevant: for each query, the gallery rows that count as correct.
+
+    Returns:
+        {"recall@1": ..., "recall@5": ..., "recall@10": ..., "mrr": ..., "queries": Q}
+    """
+    if len(queries) != len(relevant):
+        raise ValueError(f"{len(queries)} queries but {len(relevant)} relevance sets")
+    if len(queries) == 0 or len(gallery) == 0:
+        return {**{f"recall@{k}": 0.0 for k in ks}, "mrr": 0.0, "queries": 0}
+    first_rank = np.empty(len(queries), np.int64)
+    for start in range(0, len(queries), chunk):
+        scores = queries[start:start + chunk] @ gallery.T
+        for i, row in enumerate(scores):
+            rel = list(relevant[start + i])
+            best = row[rel].max()
+            # rank = number of gallery items scoring strictly higher than the best relevant one
+            first_rank[start + i] = int((row > best).sum()) + 1
+    out = {f"recall@{k}": float((first_rank <= k).mean()) for k in ks}
+    out["mrr"] = float((1.0 / first_rank).mean())
+    out["queries"] = int(len(queries))
+    return out
+
+
+def pair_metrics(image_ids: list[str], image_vecs: np.ndarray, text_ids: list[str], text_vecs: np.ndarray,
+                 pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """Text->image and image->text metrics over the items of ``pairs`` (a held-out split):
+    each query's gallery is every item of the other modality that appears in the pairs."""
+    img_row = {i: r for r, i in enumerate(image_ids)}
+    txt_row = {t: r for r, t in enumerate(text_ids)}
+    pairs = [(i, t) for i, t in pairs if i in img_row and t in txt_row]
+    images = sorted({i for i, _ in pairs})
+    texts = sorted({t for _, t in pairs})
+    if not pairs:
+        return {}
+    g_img = {i: n for n, i in enumerate(images)}
+    g_txt = {t: n for n, t in enumerate(texts)}
+    text_rel: dict[str, set[int]] = {t: set() for t in texts}
+    image_rel: dict[str, set[int]] = {i: set() for i in images}
+    for i, t in pairs:
+        text_rel[t].add(g_img[i])
+        image_rel[i].add(g_txt[t])
+    img_gallery = image_vecs[[img_row[i] for i in images]]
+    txt_gallery = text_vecs[[txt_row[t] for t in texts]]
+    return {
+        "text_to_image": retrieval_metrics(txt_gallery, img_gallery, [text_rel[t] for t in texts]),
+        "image_to_text": retrieval_metrics(img_gallery, txt_gallery, [image_rel[i] for i in images]),
+    }

@@ -1,0 +1,227 @@
+"""Snapshots: immutable folders holding a head and one FAISS index per modality.
+
+``snapshots/<id>/``: manifest.json, head.safetensors + head.json, ``<modality>.faiss``
+and ``<modality>.ids.npy`` (row -> item id). Built in ``snapshots/.tmp-<id>``, fsynced and
+moved into place with os.replace; ``snapshots/CURRENT`` (replaced atomically, last) names
+the live one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .catalog import Catalog
+from .corpus import MODALITIES
+from .errors import FailedPrecondition, NotFound
+from .heads import Head, fsync_dir, load_head
+from .store import BaseStore, atomic_save_npy
+
+MANIFEST_SCHEMA = 1
+DEFAULT_FACTORY = "Flat"
+
+
+@dataclass
+class DataDir:
+    """Paths of one deployment's data directory."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.sqlite"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def current_file(self) -> Path:
+        return self.snapshots / "CURRENT"
+
+    def current_id(self) -> str | None:
+        try:
+            value = self.current_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return value or None
+
+    def set_current(self, snapshot_id: str) -> None:
+        if not (self.snapshots / snapshot_id / "manifest.json").is_file():
+            raise NotFound(f"no snapshot {snapshot_id!r} in {self.snapshots}")
+        tmp = self.snapshots / ".CURRENT.tmp"
+        with open(tmp, "w") as handle:
+            handle.write(snapshot_id + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.current_file)
+        fsync_dir(self.snapshots)
+
+    def snapshot_ids(self) -> list[str]:
+        if not self.snapshots.is_dir():
+            return []
+        return sorted(p.name for p in self.snapshots.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").is_file())
+
+    def clean(self) -> list[Path]:
+        """Remove debris of unfinished snapshot writes (temporary folders and files)."""
+        removed = []
+        if self.snapshots.is_dir():
+            for path in self.snapshots.iterdir():
+                if path.name.startswith(".tmp-") or path.name.endswith(".tmp"):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    removed.append(path)
+        return removed
+
+
+def new_snapshot_id() -> str:
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
+
+
+def build_index(vectors: np.ndarray, factory: str = DEFAULT_FACTORY) -> faiss.Index:
+    """An inner-product FAISS index over normalised vectors (cosine similarity)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+def write_snapshot(
+    data: DataDir,
+    catalog: Catalog,
+    store: BaseStore,
+    head: Head,
+    *,
+    encoder: str,
+    factory: str = DEFAULT_FACTORY,
+    parent_id: str | None = None,
+    metrics: dict | None = None,
+    make_current: bool = True,
+) -> dict:
+    """Project every base vector with ``head``, build the indexes and write a snapshot.
+
+    Returns:
+        The manifest (also at snapshots/<id>/manifest.json).
+    """
+    snapshot_id = new_snapshot_id()
+    data.snapshots.mkdir(parents=True, exist_ok=True)
+    tmp = data.snapshots / f".tmp-{snapshot_id}"
+    tmp.mkdir()
+    head_hash = head.save(tmp)
+    counts = {}
+    for modality in MODALITIES:
+        ids, base = store.load(modality)
+        vectors = head.project(modality, base) if ids else np.zeros((0, head.dim_out), np.float32)
+        index = build_index(vectors, factory)
+        faiss.write_index(index, str(tmp / f"{modality}.faiss"))
+        atomic_save_npy(tmp / f"{modality}.ids.npy", np.asarray(ids, dtype=str))
+        counts[modality] = len(ids)
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA,
+        "id": snapshot_id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "parent_id": parent_id,
+        "encoder": encoder,
+        "base_dim": head.dim_in,
+        "dim": head.dim_out,
+        "head": {"kind": head.kind, "sha256": head_hash, **head.config},
+        "faiss_factory": factory,
+        "counts": counts,
+        "metrics": metrics or {},
+    }
+    with open(tmp / "manifest.json", "w") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(tmp)
+    os.replace(tmp, data.snapshots / snapshot_id)
+    fsync_dir(data.snapshots)
+    catalog.record_snapshot(manifest)
+    if make_current:
+        data.set_current(snapshot_id)
+    return manifest
+
+
+class ModalityIndex:
+    """One modality's FAISS index with its row -> id map (and the reverse)."""
+
+    def __init__(self, index: faiss.Index, ids: np.ndarray):
+        if index.ntotal != len(ids):
+            raise FailedPrecondition(f"index holds {index.ntotal} vectors but its id map {len(ids)}: snapshot is corrupt")
+        self.index = index
+        self.ids = ids
+        self.rows = {item_id: row for row, item_id in enumerate(ids.tolist())}
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def vector(self, item_id: str) -> np.ndarray | None:
+        row = self.rows.get(item_id)
+        return None if row is None else self.index.reconstruct(row)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, rows) for a batch of queries; rows are -1 past the end."""
+        xq = np.ascontiguousarray(queries, dtype=np.float32)
+        return self.index.search(xq, min(k, max(1, self.index.ntotal)))
+
+
+class Snapshot:
+    """A loaded, immutable snapshot. The server swaps whole Snapshot objects."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest_path = self.folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise NotFound(f"no snapshot at {self.folder}")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("schema_version") != MANIFEST_SCHEMA:
+            raise FailedPrecondition(f"snapshot {self.folder.name} has schema {self.manifest.get('schema_version')}, "
+                                     f"this xmodal reads {MANIFEST_SCHEMA}")
+        self.id = self.manifest["id"]
+        self.head = load_head(self.folder)
+        if self.head.digest() != self.manifest["head"]["sha256"]:
+            raise FailedPrecondition(f"snapshot {self.id}: head does not match the manifest's hash")
+        self.indexes = {
+            modality: ModalityIndex(
+                faiss.read_index(str(self.folder / f"{modality}.faiss")),
+                np.load(self.folder / f"{modality}.ids.npy", allow_pickle=False),
+            )
+            for modality in MODALITIES
+        }
+
+    @property
+    def encoder(self) -> str:
+        return self.manifest["encoder"]
+
+    def find(self, item_id: str) -> tuple[str, np.ndarray] | None:
+        """(modality, adapted vector) of an indexed item, or None."""
+        for modality, index in self.indexes.items():
+            vector = index.vector(item_id)
+            if vector is not None:
+                return modality, vector
+        return None
+
+
+def load_current(data: DataDir) -> Snapshot | None:
+    snapshot_id = data.current_id()
+    if snapshot_id is None:
+        return None
+    return Snapshot(data.snapshots / snapshot_id)

@@ -1,0 +1,163 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODALITY_UNSPECIFIED: _ClassVar[Modality]
+    MODALITY_IMAGE: _ClassVar[Modality]
+    MODALITY_TEXT: _ClassVar[Modality]
+MODALITY_UNSPECIFIED: Modality
+MODALITY_IMAGE: Modality
+MODALITY_TEXT: Modality
+
+class Query(_message.Message):
+    __slots__ = ("text", "image", "item_id")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: bytes
+    item_id: str
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., item_id: _Optional[str] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("query", "target", "k")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    query: Query
+    target: Modality
+    k: int
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., target: _Optional[_Union[Modality, str]] = ..., k: _Optional[int] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("item_id", "score", "modality", "text", "source", "metadata_json", "rank")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    modality: Modality
+    text: str
+    source: str
+    metadata_json: str
+    rank: int
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., modality: _Optional[_Union[Modality, str]] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., metadata_json: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "snapshot_id", "timing")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    snapshot_id: str
+    timing: Timing
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., snapshot_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("encode_ms", "head_ms", "search_ms", "total_ms")
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    encode_ms: float
+    head_ms: float
+    search_ms: float
+    total_ms: float
+    def __init__(self, encode_ms: _Optional[float] = ..., head_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class GetItemsRequest(_message.Message):
+    __slots__ = ("item_ids", "metadata_only")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_ONLY_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    metadata_only: bool
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., metadata_only: _Optional[bool] = ...) -> None: ...
+
+class Item(_message.Message):
+    __slots__ = ("item_id", "modality", "text", "image", "source", "metadata_json", "content_hash")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    modality: Modality
+    text: str
+    image: bytes
+    source: str
+    metadata_json: str
+    content_hash: str
+    def __init__(self, item_id: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., source: _Optional[str] = ..., metadata_json: _Optional[str] = ..., content_hash: _Optional[str] = ...) -> None: ...
+
+class GetItemsResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModalityCount(_message.Message):
+    __slots__ = ("modality", "catalog_items", "indexed")
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_FIELD_NUMBER: _ClassVar[int]
+    modality: Modality
+    catalog_items: int
+    indexed: int
+    def __init__(self, modality: _Optional[_Union[Modality, str]] = ..., catalog_items: _Optional[int] = ..., indexed: _Optional[int] = ...) -> None: ...
+
+class SnapshotInfo(_message.Message):
+    __slots__ = ("snapshot_id", "created_at", "encoder", "head_kind", "head_hash", "faiss_factory", "dim", "parent_id", "metrics_json")
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_KIND_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    FAISS_FACTORY_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    created_at: str
+    encoder: str
+    head_kind: str
+    head_hash: str
+    faiss_factory: str
+    dim: int
+    parent_id: str
+    metrics_json: str
+    def __init__(self, snapshot_id: _Optional[str] = ..., created_at: _Optional[str] = ..., encoder: _Optional[str] = ..., head_kind: _Optional[str] = ..., head_hash: _Optional[str] = ..., faiss_factory: _Optional[str] = ..., dim: _Optional[int] = ..., parent_id: _Optional[str] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir")
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    serving: bool
+    snapshot: SnapshotInfo
+    counts: _containers.RepeatedCompositeFieldContainer[ModalityCount]
+    version: str
+    uptime_s: float
+    max_k: int
+    data_dir: str
+    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...

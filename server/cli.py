@@ -1,0 +1,212 @@
+"""The `xmodal` command line: index, serve, search, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_PORT = 50051
+
+
+def _add_model_args(parser: argparse.ArgumentParser, *, default_from_data: bool = False) -> None:
+    from_data = " (default: the model the data directory was indexed with)" if default_from_data else ""
+    parser.add_argument("--model", default=None,
+                        help="open_clip model name (default ViT-B-32), local-dir:/path, or xmodal-demo" + from_data)
+    parser.add_argument("--pretrained", default=None,
+                        help="pretrained tag (default laion2b_s34b_b79k for ViT-B-32), a checkpoint path, "
+                             "or 'none' for random weights" + from_data)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+
+
+def _model_args(args, data_dir: Path | None = None) -> tuple[str, str | None]:
+    from xmodal.indexer.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    if args.model is None and args.pretrained is None and data_dir is not None:
+        catalog_path = Path(data_dir) / "catalog.sqlite"
+        if catalog_path.exists():
+            from xmodal.indexer.catalog import Catalog
+
+            recorded = Catalog(catalog_path).get_meta("model")
+            if recorded:
+                model, pretrained = json.loads(recorded)
+                return model, pretrained
+    model = args.model or DEFAULT_MODEL
+    if args.pretrained is not None:
+        return model, args.pretrained
+    return model, (DEFAULT_PRETRAINED if model == DEFAULT_MODEL else None)
+
+
+def cmd_index(args) -> int:
+    from xmodal.indexer.encoder import load_encoder
+    from xmodal.indexer.pipeline import index_corpus
+
+    model, pretrained = _model_args(args, Path(args.data))
+    encoder = load_encoder(model, pretrained, threads=args.threads)
+    report = index_corpus(args.corpus, args.data, encoder, head_kind=args.head, batch_size=args.batch_size,
+                          shard_size=args.shard_size, workers=args.workers, factory=args.factory,
+                          progress=not args.no_progress)
+    print(report.summary())
+    return 0
+
+
+def build_engine(data: str, model: str, pretrained: str | None, threads: int | None, max_k: int):
+    from xmodal.indexer.encoder import load_encoder
+    from xmodal.server.engine import Limits, SearchEngine
+
+    encoder = load_encoder(model, pretrained, threads=threads)
+    engine = SearchEngine(data, encoder, limits=Limits(max_k=max_k))
+    engine.clean_debris()
+    engine.load_current()
+    return engine
+
+
+def cmd_serve(args) -> int:
+    from xmodal.server.service import Server
+
+    log = logging.getLogger("xmodal.server")
+    model, pretrained = _model_args(args, Path(args.data))
+    engine = build_engine(args.data, model, pretrained, args.threads, args.max_k)
+    if engine.snapshot is None:
+        log.warning("no snapshot in %s yet: health is NOT_SERVING and searches fail with FAILED_PRECONDITION "
+                    "until one is indexed (picked up without a restart)", engine.data.root)
+    engine.watch(args.watch_interval)
+    server = Server(engine, host=args.host, port=args.port, max_workers=args.rpc_workers).start()
+    log.info("serving %s on %s (encoder %s)", engine.data.root, server.address, engine.encoder.identity)
+    if args.port_file:
+        tmp = Path(args.port_file).with_suffix(".tmp")
+        tmp.write_text(str(server.port))
+        os.replace(tmp, args.port_file)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received %s: finishing calls in flight, then stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    server.stop(grace=args.grace)
+    log.info("stopped")
+    return 0
+
+
+def _print_hits(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"snapshot_id": result.snapshot_id, "timing": result.timing,
+                          "hits": [vars(h) for h in result.hits]}, indent=2))
+        return
+    for hit in result.hits:
+        what = hit.text if hit.modality == "text" else hit.source
+        print(f"{hit.rank:3d}  {hit.score:+.4f}  {hit.modality:5s}  {hit.item_id}  {what[:100]}")
+    print(f"({len(result.hits)} hits from snapshot {result.snapshot_id}, {result.timing['total_ms']:.1f} ms on the server)")
+
+
+def cmd_search(args) -> int:
+    from xmodal.client import SearchClient
+
+    with SearchClient(args.server, timeout=args.timeout) as client:
+        result = client.search(text=args.text, image=args.image, item_id=args.item, target=args.target, k=args.k)
+    _print_hits(result, args.json)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from xmodal.client import SearchClient
+
+    with SearchClient(args.server, timeout=args.timeout) as client:
+        status = client.status()
+    print(json.dumps({k: v for k, v in vars(status).items() if k != "raw"}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from xmodal.server.demo import run_demo
+
+    return run_demo(data=args.data, port=args.port, once=args.once, n=args.n)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal image/text search on frozen open_clip "
+                                     "embeddings, with small CPU-trained heads, FAISS and gRPC.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="generate the offline demo corpus, index it, serve it, show queries")
+    p.add_argument("--data", default="demo-data", help="data directory (default ./demo-data)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 = any free)")
+    p.add_argument("--n", type=int, default=1000, help="image-caption pairs to generate (default 1000)")
+    p.add_argument("--once", action="store_true", help="exit after the example searches instead of serving on")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("index", help="build or extend a data directory from a corpus")
+    p.add_argument("corpus", help="a folder with captions.jsonl/.csv, or a JSONL manifest")
+    p.add_argument("--data", required=True, help="data directory (created if missing)")
+    _add_model_args(p, default_from_data=True)
+    p.add_argument("--head", default="identity", help="head kind for the new snapshot (default identity)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
+    p.add_argument("--shard-size", type=int, default=1024, help="items per base shard and commit (default 1024)")
+    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: cores, max 4)")
+    p.add_argument("--factory", default="Flat", help="FAISS index factory string (default Flat)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("serve", help="run the gRPC server on a data directory")
+    p.add_argument("--data", required=True, help="data directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
+    p.add_argument("--port-file", default=None, help="write the bound port to this file once serving")
+    _add_model_args(p, default_from_data=True)
+    p.add_argument("--max-k", type=int, default=1000, help="largest k a search may ask for (default 1000)")
+    p.add_argument("--rpc-workers", type=int, default=8, help="gRPC worker threads (default 8)")
+    p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between checks of snapshots/CURRENT")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get on SIGTERM (default 5)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("search", help="query a running server and print hits")
+    p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", help="text query")
+    q.add_argument("--image", help="path of an image file to query with")
+    q.add_argument("--item", help="id of an indexed item to query with")
+    p.add_argument("--target", choices=["image", "text"], default=None, help="modality of the hits (default: the other one)")
+    p.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("status", help="print a running server's status")
+    p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    # open_clip logs every step of model loading at INFO on the root logger: keep ours only.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("xmodal").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from xmodal.client import XmodalError as ClientError
+    from xmodal.indexer.errors import XmodalError
+
+    try:
+        return args.func(args)
+    except (XmodalError, ClientError) as exc:
+        print(f"xmodal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"xmodal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

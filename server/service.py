@@ -1,0 +1,129 @@
+"""gRPC transport: thin servicers over the engine, health and reflection."""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from xmodal.indexer.corpus import IMAGE, TEXT
+from xmodal.indexer.errors import InvalidArgument
+from xmodal.v1 import xmodal_pb2 as pb
+from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
+
+from .engine import SearchEngine
+from .errors import rpc
+
+log = logging.getLogger("xmodal.server")
+
+_TO_PROTO = {IMAGE: pb.MODALITY_IMAGE, TEXT: pb.MODALITY_TEXT}
+_FROM_PROTO = {pb.MODALITY_UNSPECIFIED: None, pb.MODALITY_IMAGE: IMAGE, pb.MODALITY_TEXT: TEXT}
+SEARCH_SERVICE = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
+# Requests above this are refused by gRPC itself with RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+def modality_from_proto(value: int) -> str | None:
+    if value not in _FROM_PROTO:
+        raise InvalidArgument(f"unknown modality {value}: use MODALITY_IMAGE (1) or MODALITY_TEXT (2)")
+    return _FROM_PROTO[value]
+
+
+class SearchServicer(pb_grpc.SearchServiceServicer):
+    def __init__(self, engine: SearchEngine):
+        self.engine = engine
+
+    @rpc
+    def Search(self, request, context):
+        kind = request.query.WhichOneof("kind")
+        if kind is None:
+            raise InvalidArgument("query is empty: set one of query.text, query.image or query.item_id")
+        result = self.engine.search(**{kind: getattr(request.query, kind)},
+                                    target=modality_from_proto(request.target), k=request.k)
+        return pb.SearchResponse(
+            snapshot_id=result.snapshot_id,
+            timing=pb.Timing(**result.timing),
+            hits=[pb.Hit(item_id=h.item_id, score=h.score, modality=_TO_PROTO[h.modality], text=h.text,
+                         source=h.source, metadata_json=json.dumps(h.metadata), rank=h.rank)
+                  for h in result.hits],
+        )
+
+    @rpc
+    def GetItems(self, request, context):
+        items = self.engine.get_items(list(request.item_ids), metadata_only=request.metadata_only)
+        return pb.GetItemsResponse(items=[
+            pb.Item(item_id=i.item_id, modality=_TO_PROTO[i.modality], text=i.text, image=i.image, source=i.source,
+                    metadata_json=json.dumps(i.metadata), content_hash=i.content_hash)
+            for i in items
+        ])
+
+    @rpc
+    def GetStatus(self, request, context):
+        status = self.engine.status()
+        manifest = status["snapshot"]
+        snapshot = None
+        if manifest:
+            snapshot = pb.SnapshotInfo(
+                snapshot_id=manifest["id"], created_at=manifest["created_at"], encoder=manifest["encoder"],
+                head_kind=manifest["head"]["kind"], head_hash=manifest["head"]["sha256"],
+                faiss_factory=manifest["faiss_factory"], dim=manifest["dim"], parent_id=manifest.get("parent_id") or "",
+                metrics_json=json.dumps(manifest.get("metrics") or {}),
+            )
+        return pb.GetStatusResponse(
+            serving=status["serving"], snapshot=snapshot, version=status["version"], uptime_s=status["uptime_s"],
+            max_k=status["max_k"], data_dir=status["data_dir"],
+            counts=[pb.ModalityCount(modality=_TO_PROTO[m], catalog_items=c["catalog_items"], indexed=c["indexed"])
+                    for m, c in status["counts"].items()],
+        )
+
+
+class Server:
+    """A running gRPC server: SearchService, health and reflection on one port."""
+
+    def __init__(self, engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8):
+        self.engine = engine
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="xmodal-rpc"),
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+        )
+        pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(engine), self.grpc_server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (SEARCH_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc_server,
+        )
+        address = f"{host}:{port}"
+        self.port = self.grpc_server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}: is the port in use?")
+        self.host = host
+        engine.on_swap(self._set_health)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _set_health(self, snapshot) -> None:
+        state = health_pb2.HealthCheckResponse.SERVING if snapshot else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SEARCH_SERVICE):
+            self.health.set(service, state)
+
+    def start(self) -> "Server":
+        self.grpc_server.start()
+        return self
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Refuse new calls, let calls in flight finish (up to ``grace`` s), then stop."""
+        for service in ("", SEARCH_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_server.stop(grace).wait()
+        self.engine.close()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
