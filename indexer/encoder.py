@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,11 @@ def load_encoder(
         clip, _, preprocess = open_clip.create_model_and_transforms(
             spec.model, pretrained=spec.pretrained, device="cpu", weights_only=True
         )
+    except pickle.UnpicklingError:
+        raise ModelUnavailable(
+            f"checkpoint {spec.pretrained} holds pickled objects beyond plain tensors, which xmodal refuses to "
+            "load (loading them can run arbitrary code): convert it to .safetensors with a trusted tool"
+        ) from None
     except (RuntimeError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:300]
         if spec.pretrained and not Path(spec.pretrained).is_file():
