@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import threading
@@ -188,6 +189,7 @@ def load_encoder(
     pretrained: str | None = DEFAULT_PRETRAINED,
     *,
     threads: int | None = None,
+    allow_pickle: bool = False,
 ) -> Encoder:
     """Load a frozen open_clip encoder on the CPU.
 
@@ -195,12 +197,17 @@ def load_encoder(
         model: open_clip name, ``local-dir:/path`` or ``xmodal-demo``.
         pretrained: a pretrained tag, a checkpoint path, ``none`` (random init) or None.
         threads: torch intra-op threads (default: torch's own choice, one per core).
+        allow_pickle: load .pt/.bin checkpoints with full unpickling. Only for files from
+            a trusted source: unpickling can run arbitrary code. Off by default, when
+            only plain tensors are read (``torch.load(weights_only=True)``).
 
     Raises:
         ModelUnavailable: the model or its weights cannot be had here; the message names
             the alternatives that need no download.
     """
     spec = resolve_model(model, pretrained)
+    if allow_pickle and spec.pretrained and not spec.pretrained.endswith(".safetensors"):
+        logging.getLogger("xmodal").warning("loading %s with full unpickling (--allow-pickle)", spec.pretrained)
     if threads:
         torch.set_num_threads(threads)
     if spec.model == DEMO_MODEL:
@@ -209,12 +216,13 @@ def load_encoder(
         torch.manual_seed(0)  # random-init models are reproducible
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=spec.pretrained, device="cpu", weights_only=True
+            spec.model, pretrained=spec.pretrained, device="cpu", weights_only=not allow_pickle
         )
     except pickle.UnpicklingError:
         raise ModelUnavailable(
             f"checkpoint {spec.pretrained} holds pickled objects beyond plain tensors, which xmodal refuses to "
-            "load (loading them can run arbitrary code): convert it to .safetensors with a trusted tool"
+            "load (unpickling can run arbitrary code): convert it to .safetensors, or pass --allow-pickle "
+            "if you trust its source"
         ) from None
     except (RuntimeError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:300]

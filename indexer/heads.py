@@ -1,9 +1,20 @@
 """Heads: small projections applied to frozen base embeddings, one per modality.
 
-Only the ``identity`` kind (zero-shot) exists so far; the adaptation issue adds pca,
-linear, mlp and shared. Every kind saves as ``head.safetensors`` (tensors, no pickle)
-plus ``head.json`` (kind, dims, options), and carries a hash over both that snapshots
-record.
+Kinds (after "Efficient Domain Adaptation of Multimodal Embeddings using Contrastive
+Learning", Margaritis et al. 2025):
+
+- ``identity``: no projection (zero-shot).
+- ``pca``: one shared projection onto the top principal components of the training
+  embeddings of both modalities (the paper's baseline; fitted, not trained).
+- ``linear``: per modality, residual ``x + W x`` with ``W`` zero-initialised.
+- ``mlp`` (the default): per modality, residual ``x + fc2(relu(fc1(x)))`` with ``fc2``
+  zero-initialised, so an untrained head is exactly zero-shot.
+- ``shared``: one such mlp applied to both modalities (the paper's single projection).
+
+Every output is L2-normalised. When ``dim_out`` differs from the input size, the skip
+path is a linear map initialised from the PCA of the training embeddings (then an
+untrained head equals PCA, not zero-shot). Heads save as ``head.safetensors`` (tensors,
+no pickle) plus ``head.json`` (kind, dims, options) and carry a sha256 over both.
 """
 
 from __future__ import annotations
@@ -20,34 +31,120 @@ from safetensors.torch import load_file, save_file
 from .corpus import MODALITIES
 from .errors import InvalidArgument
 
-HEAD_KINDS = ("identity",)
+HEAD_KINDS = ("identity", "pca", "linear", "mlp", "shared")
+TRAINABLE_KINDS = ("linear", "mlp", "shared")
+DEFAULT_HEAD = "mlp"
+DEFAULT_HIDDEN = 512
+
+
+class PCAProjection(torch.nn.Module):
+    """(x - mean) @ components.T, fitted from data (buffers, not parameters)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim_in))
+        self.register_buffer("components", torch.eye(dim_out, dim_in))
+
+    def fit(self, vectors: np.ndarray) -> None:
+        x = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
+        if len(x) < 2:
+            raise InvalidArgument("PCA needs at least 2 training vectors")
+        mean = x.mean(0)
+        _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+        k = self.components.shape[0]
+        if v.shape[0] < k:
+            raise InvalidArgument(f"PCA to {k} dimensions needs at least {k} training vectors, got {len(x)}")
+        self.mean.copy_(mean)
+        self.components.copy_(v[:k])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.components.T
+
+
+class Residual(torch.nn.Module):
+    """skip(x) + f(x); f's last layer starts at zero, so the module starts as skip(x)."""
+
+    def __init__(self, dim_in: int, dim_out: int, hidden: int | None):
+        super().__init__()
+        # Identity skip when the size is kept: an untrained head is exactly zero-shot.
+        self.skip = torch.nn.Identity() if dim_in == dim_out else torch.nn.Linear(dim_in, dim_out, bias=False)
+        if hidden:
+            self.fc1 = torch.nn.Linear(dim_in, hidden)
+            self.fc2 = torch.nn.Linear(hidden, dim_out)
+        else:
+            self.fc1 = None
+            self.fc2 = torch.nn.Linear(dim_in, dim_out)
+        torch.nn.init.zeros_(self.fc2.weight)
+        torch.nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.fc2(torch.relu(self.fc1(x))) if self.fc1 is not None else self.fc2(x)
+        return self.skip(x) + update
 
 
 class Head(torch.nn.Module):
-    """A pair of projections (image, text) to a shared space; outputs are L2-normalised."""
+    """A pair of projections (image, text) into one space; outputs are L2-normalised.
+
+    Args:
+        kind: one of HEAD_KINDS.
+        dim_in: size of the base embeddings.
+        dim_out: output size (default: dim_in; pca defaults to min(128, dim_in // 2)).
+        options: kind-specific options, e.g. {"hidden": 512} for mlp/shared.
+    """
 
     def __init__(self, kind: str, dim_in: int, dim_out: int | None = None, options: dict | None = None):
         super().__init__()
         if kind not in HEAD_KINDS:
             raise InvalidArgument(f"unknown head kind {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
-        if dim_in <= 0:
-            raise InvalidArgument(f"head input dimension must be positive, got {dim_in}")
+        if not isinstance(dim_in, int) or dim_in <= 0:
+            raise InvalidArgument(f"head input dimension must be a positive integer, got {dim_in!r}")
+        if kind == "identity" and dim_out not in (None, dim_in):
+            raise InvalidArgument("an identity head cannot change the dimension")
+        if kind == "pca" and dim_out is None:
+            dim_out = max(1, min(128, dim_in // 2))
+        dim_out = dim_out or dim_in
+        if dim_out <= 0:
+            raise InvalidArgument(f"dim_out must be positive, got {dim_out}")
         self.kind = kind
         self.dim_in = dim_in
-        self.dim_out = dim_out or dim_in
+        self.dim_out = dim_out
         self.options = dict(options or {})
-        self.image = torch.nn.Identity()
-        self.text = torch.nn.Identity()
+        hidden = int(self.options.setdefault("hidden", DEFAULT_HIDDEN)) if kind in ("mlp", "shared") else None
+        if hidden is not None and hidden <= 0:
+            raise InvalidArgument(f"hidden width must be positive, got {hidden}")
+        self.projections = torch.nn.ModuleDict()
+        if kind == "pca":
+            self.projections["shared"] = PCAProjection(dim_in, dim_out)
+        elif kind == "shared":
+            self.projections["shared"] = Residual(dim_in, dim_out, hidden)
+        elif kind in ("linear", "mlp"):
+            for modality in MODALITIES:
+                self.projections[modality] = Residual(dim_in, dim_out, hidden)
 
     @property
     def config(self) -> dict:
         return {"kind": self.kind, "dim_in": self.dim_in, "dim_out": self.dim_out, "options": self.options}
 
-    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+    def projection(self, modality: str) -> torch.nn.Module | None:
         if modality not in MODALITIES:
             raise InvalidArgument(f"unknown modality {modality!r}")
-        projected = getattr(self, modality)(x)
+        if modality in self.projections:
+            return self.projections[modality]
+        return self.projections["shared"] if "shared" in self.projections else None
+
+    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        projection = self.projection(modality)
+        projected = projection(x) if projection is not None else x
         return torch.nn.functional.normalize(projected, dim=-1)
+
+    def init_skip_from_pca(self, vectors: np.ndarray) -> None:
+        """Start dimension-changing skip paths at the PCA of ``vectors``."""
+        pca = PCAProjection(self.dim_in, self.dim_out)
+        pca.fit(vectors)
+        for module in self.projections.values():
+            if isinstance(module, Residual) and isinstance(module.skip, torch.nn.Linear):
+                with torch.no_grad():
+                    module.skip.weight.copy_(pca.components)
 
     def project(self, modality: str, vectors: np.ndarray) -> np.ndarray:
         """Apply the modality's projection to base vectors; returns normalised float32."""
@@ -77,11 +174,18 @@ class Head(torch.nn.Module):
 
 
 def load_head(folder: str | Path) -> Head:
-    """Load a head saved by :meth:`Head.save` (safetensors only; nothing is unpickled)."""
+    """Load a head saved by :meth:`Head.save` (safetensors only; nothing is unpickled).
+
+    Raises:
+        InvalidArgument: missing files, or tensors that do not match the recorded hash.
+    """
     folder = Path(folder)
-    config = json.loads((folder / "head.json").read_text())
+    try:
+        config = json.loads((folder / "head.json").read_text())
+        tensors = load_file(str(folder / "head.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read the head in {folder}: {exc}") from None
     head = Head(config["kind"], config["dim_in"], config.get("dim_out"), config.get("options"))
-    tensors = load_file(str(folder / "head.safetensors"))
     head.load_state_dict(tensors, strict=True)
     head.eval()
     expected = config.get("sha256")

@@ -26,11 +26,12 @@ from .catalog import Catalog, text_hash
 from .corpus import IMAGE, TEXT, read_corpus
 from .encoder import Encoder
 from .errors import InvalidArgument, XmodalError
-from .evaluate import pair_metrics
-from .heads import Head
+from .adapt import fit_from_catalog
+from .heads import DEFAULT_HEAD
 from .images import decode_image
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot, write_snapshot
 from .store import BaseStore
+from .train import FitConfig
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_SHARD_SIZE = 1024
@@ -45,6 +46,7 @@ class IndexReport:
     removed_debris: list = field(default_factory=list)
     snapshot: dict | None = None
     snapshot_written: bool = False
+    notes: list = field(default_factory=list)
     seconds: float = 0.0
     image_seconds: float = 0.0
 
@@ -62,14 +64,18 @@ class IndexReport:
             more = f" and {len(self.failed) - 10} more" if len(self.failed) > 10 else ""
             lines.append(f"skipped {len(self.failed)} undecodable image(s): {shown}{more} "
                          f"(first reason: {self.failed[0][1]})")
+        lines.extend(self.notes)
         if self.snapshot:
             verb = "wrote" if self.snapshot_written else "up to date:"
             counts = self.snapshot["counts"]
             lines.append(f"{verb} snapshot {self.snapshot['id']} ({self.snapshot['head']['kind']} head, "
                          f"{counts[IMAGE]} images, {counts[TEXT]} texts, {self.snapshot['faiss_factory']})")
-            for direction, m in (self.snapshot.get("metrics") or {}).get("zero_shot", {}).items():
-                lines.append(f"  zero-shot {direction.replace('_to_', '->')} on {m['queries']} held-out queries: "
-                             f"R@1 {m['recall@1']:.3f}  R@5 {m['recall@5']:.3f}  R@10 {m['recall@10']:.3f}  MRR {m['mrr']:.3f}")
+            metrics = self.snapshot.get("metrics") or {}
+            for name, label in (("zero_shot", "zero-shot"), ("adapted", "adapted ")):
+                for direction, m in sorted(metrics.get(name, {}).items(), reverse=True):
+                    lines.append(f"  {label} {direction.replace('_to_', '->')} on {m['queries']} held-out queries: "
+                                 f"R@1 {m['recall@1']:.3f}  R@5 {m['recall@5']:.3f}  R@10 {m['recall@10']:.3f}  "
+                                 f"MRR {m['mrr']:.3f}")
         return "\n".join(lines)
 
 
@@ -102,7 +108,8 @@ def index_corpus(
     data_dir: str | Path,
     encoder: Encoder,
     *,
-    head_kind: str = "identity",
+    head: FitConfig | None = None,
+    label_field: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     shard_size: int = DEFAULT_SHARD_SIZE,
     workers: int | None = None,
@@ -115,7 +122,10 @@ def index_corpus(
         corpus: a folder with captions.jsonl/csv, or a JSONL manifest (see corpus.py).
         data_dir: the deployment's data directory (created if missing).
         encoder: the frozen encoder; must match the one the directory was built with.
-        head_kind: the head fitted for the new snapshot.
+        head: how to fit the head of the new snapshot (default: FitConfig(), an mlp); with
+            too few train pairs for a trained kind, an identity head is written and the
+            report says why.
+        label_field: metadata field holding a class label (for label-aware losses).
         batch_size: encoder batch size.
         shard_size: items per base shard (and per crash-safe commit).
         workers: image decoding threads (default: cores, at most 4).
@@ -135,6 +145,7 @@ def index_corpus(
     data.root.mkdir(parents=True, exist_ok=True)
     catalog = Catalog(data.catalog_path)
     store = BaseStore(data.base, catalog)
+    head = head or FitConfig(kind=DEFAULT_HEAD)
     report.removed_debris = [str(p) for p in store.clean() + data.clean()]
     catalog.bind_encoder(encoder.identity, model=encoder.spec.requested[0], pretrained=encoder.spec.requested[1])
     workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -202,27 +213,24 @@ def index_corpus(
     changed = report.embedded[IMAGE] or report.embedded[TEXT] or report.items.get("changed")
     current = data.current_id()
     live = Snapshot(data.snapshots / current) if current else None
-    if live is not None and not changed and live.manifest["head"]["kind"] == head_kind \
+    if live is not None and not changed and live.manifest["head"]["kind"] == head.kind \
             and live.manifest["faiss_factory"] == factory and live.encoder == encoder.identity:
         report.snapshot = live.manifest
     else:
-        head = Head(head_kind, encoder.dim)
-        metrics = {"zero_shot": held_out_metrics(catalog, store, head)}
-        report.snapshot = write_snapshot(data, catalog, store, head, encoder=encoder.identity, factory=factory,
+        config = head
+        train_pairs = catalog.count_pairs()["train"]
+        if config.kind != "identity" and train_pairs < config.min_pairs:
+            report.notes.append(f"only {train_pairs} train pairs (a {config.kind} head needs {config.min_pairs}): "
+                                "wrote an identity (zero-shot) head; add pairs and run `xmodal fit`")
+            config = FitConfig(kind="identity")
+        fitted, fit_report, metrics = fit_from_catalog(catalog, store, config, label_field=label_field,
+                                                       progress=progress)
+        if fitted.kind != "identity":
+            report.notes.append(fit_report.summary())
+        report.snapshot = write_snapshot(data, catalog, store, fitted, encoder=encoder.identity, factory=factory,
                                          parent_id=current, metrics=metrics)
         report.snapshot_written = True
     report.seconds = time.perf_counter() - started
     catalog.close()
     return report
 
-
-def held_out_metrics(catalog: Catalog, store: BaseStore, head: Head, split: str = "test") -> dict:
-    """Text->image and image->text metrics of ``head`` on a split's pairs."""
-    pairs = catalog.pairs(split)
-    if not pairs:
-        return {}
-    image_ids, image_base = store.load(IMAGE)
-    text_ids, text_base = store.load(TEXT)
-    if not image_ids or not text_ids:
-        return {}
-    return pair_metrics(image_ids, head.project(IMAGE, image_base), text_ids, head.project(TEXT, text_base), pairs)

@@ -22,6 +22,8 @@ def _add_model_args(parser: argparse.ArgumentParser, *, default_from_data: bool 
                         help="pretrained tag (default laion2b_s34b_b79k for ViT-B-32), a checkpoint path, "
                              "or 'none' for random weights" + from_data)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a .pt/.bin checkpoint with full unpickling (trusted files only)")
 
 
 def _model_args(args, data_dir: Path | None = None) -> tuple[str, str | None]:
@@ -42,24 +44,82 @@ def _model_args(args, data_dir: Path | None = None) -> tuple[str, str | None]:
     return model, (DEFAULT_PRETRAINED if model == DEFAULT_MODEL else None)
 
 
+def _add_head_args(parser: argparse.ArgumentParser, *, default_kind: str = "mlp") -> None:
+    from xmodal.indexer.heads import HEAD_KINDS
+
+    parser.add_argument("--head", default=default_kind, choices=HEAD_KINDS,
+                        help=f"head kind (default {default_kind}); identity = zero-shot")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden width of mlp/shared heads (default 512)")
+    parser.add_argument("--dim-out", type=int, default=None,
+                        help="output size (default: the encoder's; pca: min(128, dim/2))")
+    parser.add_argument("--epochs", type=int, default=60, help="maximum epochs (default 60; early stopping on val)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
+    parser.add_argument("--fit-batch-size", type=int, default=256, help="pairs per training batch (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--label-field", default=None, help="metadata field with a class label for label losses")
+    parser.add_argument("--pairwise-weight", type=float, default=0.0, help="weight of the label-aware pairwise loss")
+    parser.add_argument("--supcon-weight", type=float, default=0.0, help="weight of the supervised contrastive loss")
+
+
+def _fit_config(args):
+    from xmodal.indexer.train import FitConfig
+
+    return FitConfig(kind=args.head, hidden=args.hidden, dim_out=args.dim_out, epochs=args.epochs, lr=args.lr,
+                     batch_size=args.fit_batch_size, seed=args.seed, pairwise_weight=args.pairwise_weight,
+                     supcon_weight=args.supcon_weight)
+
+
 def cmd_index(args) -> int:
     from xmodal.indexer.encoder import load_encoder
     from xmodal.indexer.pipeline import index_corpus
 
     model, pretrained = _model_args(args, Path(args.data))
-    encoder = load_encoder(model, pretrained, threads=args.threads)
-    report = index_corpus(args.corpus, args.data, encoder, head_kind=args.head, batch_size=args.batch_size,
-                          shard_size=args.shard_size, workers=args.workers, factory=args.factory,
-                          progress=not args.no_progress)
+    encoder = load_encoder(model, pretrained, threads=args.threads, allow_pickle=args.allow_pickle)
+    report = index_corpus(args.corpus, args.data, encoder, head=_fit_config(args), label_field=args.label_field,
+                          batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers,
+                          factory=args.factory, progress=not args.no_progress)
     print(report.summary())
     return 0
 
 
-def build_engine(data: str, model: str, pretrained: str | None, threads: int | None, max_k: int):
+def cmd_fit(args) -> int:
+    from xmodal.indexer.adapt import fit_snapshot
+
+    manifest, report = fit_snapshot(args.data, _fit_config(args), label_field=args.label_field,
+                                    warm_start=args.warm_start, progress=not args.no_progress)
+    print(report.summary())
+    print(f"wrote snapshot {manifest['id']} ({manifest['head']['kind']} head) and made it current")
+    for name in ("zero_shot", "adapted"):
+        for direction, m in sorted(manifest["metrics"].get(name, {}).items(), reverse=True):
+            print(f"  {name:9s} {direction.replace('_to_', '->')}: R@1 {m['recall@1']:.3f}  R@5 {m['recall@5']:.3f}  "
+                  f"R@10 {m['recall@10']:.3f}  MRR {m['mrr']:.3f} ({m['queries']} held-out queries)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from xmodal.indexer.adapt import bar_chart, compare_heads, markdown_table
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    comparison = compare_heads(args.data, kinds=kinds, split=args.split, base=_fit_config(args),
+                               label_field=args.label_field, progress=not args.no_progress)
+    table = markdown_table(comparison)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(comparison, indent=2))
+        (out / "eval.md").write_text(table)
+        bar_chart(comparison, out / "eval.png")
+        print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'eval.png'}")
+    return 0
+
+
+def build_engine(data: str, model: str, pretrained: str | None, threads: int | None, max_k: int,
+                 allow_pickle: bool = False):
     from xmodal.indexer.encoder import load_encoder
     from xmodal.server.engine import Limits, SearchEngine
 
-    encoder = load_encoder(model, pretrained, threads=threads)
+    encoder = load_encoder(model, pretrained, threads=threads, allow_pickle=allow_pickle)
     engine = SearchEngine(data, encoder, limits=Limits(max_k=max_k))
     engine.clean_debris()
     engine.load_current()
@@ -71,7 +131,7 @@ def cmd_serve(args) -> int:
 
     log = logging.getLogger("xmodal.server")
     model, pretrained = _model_args(args, Path(args.data))
-    engine = build_engine(args.data, model, pretrained, args.threads, args.max_k)
+    engine = build_engine(args.data, model, pretrained, args.threads, args.max_k, args.allow_pickle)
     if engine.snapshot is None:
         log.warning("no snapshot in %s yet: health is NOT_SERVING and searches fail with FAILED_PRECONDITION "
                     "until one is indexed (picked up without a restart)", engine.data.root)
@@ -148,13 +208,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus", help="a folder with captions.jsonl/.csv, or a JSONL manifest")
     p.add_argument("--data", required=True, help="data directory (created if missing)")
     _add_model_args(p, default_from_data=True)
-    p.add_argument("--head", default="identity", help="head kind for the new snapshot (default identity)")
+    _add_head_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
     p.add_argument("--shard-size", type=int, default=1024, help="items per base shard and commit (default 1024)")
     p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: cores, max 4)")
     p.add_argument("--factory", default="Flat", help="FAISS index factory string (default Flat)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("fit", help="refit the head of a data directory offline and write a new snapshot")
+    p.add_argument("--data", required=True, help="data directory")
+    _add_head_args(p)
+    p.add_argument("--warm-start", action="store_true", help="start from the live snapshot's head (same kind)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="recall@k and MRR of zero-shot, PCA and each head kind on held-out pairs")
+    p.add_argument("--data", required=True, help="data directory")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to report on (default test)")
+    p.add_argument("--kinds", default="identity,pca,linear,mlp,shared", help="comma-separated head kinds")
+    p.add_argument("--out", default=None, help="folder for eval.json, eval.md and eval.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_head_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="run the gRPC server on a data directory")
     p.add_argument("--data", required=True, help="data directory")

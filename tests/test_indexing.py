@@ -14,12 +14,15 @@ from xmodal.indexer.errors import FailedPrecondition
 from xmodal.indexer.pipeline import index_corpus
 from xmodal.indexer.snapshot import DataDir, Snapshot
 from xmodal.indexer.store import BaseStore
+from xmodal.indexer.train import FitConfig
+
+ZERO_SHOT = FitConfig(kind="identity")  # where the head does not matter, skip fitting one
 
 
 def test_index_twice_adds_nothing(world_corpus, encoder, tmp_path):
-    first = index_corpus(world_corpus, tmp_path, encoder, progress=False, shard_size=100)
+    first = index_corpus(world_corpus, tmp_path, encoder, progress=False, shard_size=100, head=ZERO_SHOT)
     assert first.embedded == {IMAGE: 400, TEXT: 400} and first.snapshot_written
-    second = index_corpus(world_corpus, tmp_path, encoder, progress=False, shard_size=100)
+    second = index_corpus(world_corpus, tmp_path, encoder, progress=False, shard_size=100, head=ZERO_SHOT)
     assert second.embedded == {IMAGE: 0, TEXT: 0}
     assert second.items == {"added": 0, "changed": 0, "unchanged": 800} and second.pairs_added == 0
     assert not second.snapshot_written and second.snapshot["id"] == first.snapshot["id"]
@@ -56,7 +59,7 @@ def test_undecodable_images_are_skipped_and_reported(world_corpus, encoder, tmp_
     (corpus / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (corpus / records[3]["image"]).write_bytes(b"\x89PNG garbage")
     (corpus / records[9]["image"]).unlink()
-    report = index_corpus(corpus, tmp_path / "data", encoder, progress=False)
+    report = index_corpus(corpus, tmp_path / "data", encoder, progress=False, head=ZERO_SHOT)
     assert sorted(item_id for item_id, _ in report.failed) == sorted([records[3]["id"], records[9]["id"]])
     assert report.embedded == {IMAGE: 28, TEXT: 30}
     summary = report.summary()
@@ -68,11 +71,11 @@ def test_undecodable_images_are_skipped_and_reported(world_corpus, encoder, tmp_
 def test_changed_content_is_reembedded(world_corpus, encoder, tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(world_corpus, corpus)
-    index_corpus(corpus, tmp_path / "data", encoder, progress=False)
+    index_corpus(corpus, tmp_path / "data", encoder, progress=False, head=ZERO_SHOT)
     records = [json.loads(line) for line in (corpus / "captions.jsonl").read_text().splitlines()]
     records[0]["caption"] = "an entirely new caption"
     (corpus / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    report = index_corpus(corpus, tmp_path / "data", encoder, progress=False)
+    report = index_corpus(corpus, tmp_path / "data", encoder, progress=False, head=ZERO_SHOT)
     assert report.items["changed"] == 1 and report.embedded == {IMAGE: 0, TEXT: 1} and report.snapshot_written
     catalog = Catalog(tmp_path / "data" / "catalog.sqlite")
     assert catalog.count_items() == {IMAGE: 400, TEXT: 400}
@@ -81,11 +84,11 @@ def test_changed_content_is_reembedded(world_corpus, encoder, tmp_path):
 
 
 def test_interrupted_shard_debris_is_removed(world_corpus, encoder, tmp_path):
-    index_corpus(world_corpus, tmp_path, encoder, progress=False)
+    index_corpus(world_corpus, tmp_path, encoder, progress=False, head=ZERO_SHOT)
     orphan = tmp_path / "base" / IMAGE / "shard-000099.npy"
     np.save(orphan, np.zeros((2, encoder.dim), np.float16))
     (tmp_path / "snapshots" / ".tmp-half-written").mkdir()
-    report = index_corpus(world_corpus, tmp_path, encoder, progress=False)
+    report = index_corpus(world_corpus, tmp_path, encoder, progress=False, head=ZERO_SHOT)
     assert not orphan.exists() and not (tmp_path / "snapshots" / ".tmp-half-written").exists()
     assert len(report.removed_debris) == 2
 

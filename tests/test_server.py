@@ -66,9 +66,9 @@ def test_get_items_returns_content(running, world_corpus):
 
 def test_status_health_and_reflection(running):
     status = running.client.status()
-    assert status.serving and status.snapshot_id == running.engine.snapshot.id and status.head_kind == "identity"
+    assert status.serving and status.snapshot_id == running.engine.snapshot.id and status.head_kind == "mlp"
     assert status.counts == {"image": {"catalog_items": 400, "indexed": 400}, "text": {"catalog_items": 400, "indexed": 400}}
-    assert status.encoder.startswith("xmodal-demo@") and "zero_shot" in status.metrics
+    assert status.encoder.startswith("xmodal-demo@") and {"zero_shot", "adapted", "fit"} <= set(status.metrics)
     assert running.client.health() == "SERVING" and running.client.health("xmodal.v1.SearchService") == "SERVING"
     with grpc.insecure_channel(running.server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)

@@ -1,0 +1,325 @@
+"""Fitting heads on cached base embeddings, on the CPU.
+
+Mini-batches of (image, text) base-vector pairs, AdamW with weight decay, symmetric
+InfoNCE with a learnable temperature (plus optional label losses), early stopping on
+validation recall@10 checked each epoch (epoch 0 is the untrained or warm-start head,
+so a fit never returns a head that validates worse than where it started), fixed seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .catalog import Catalog
+from .corpus import IMAGE, TEXT
+from .errors import InvalidArgument
+from .evaluate import retrieval_metrics
+from .heads import DEFAULT_HEAD, HEAD_KINDS, TRAINABLE_KINDS, Head
+from .losses import InfoNCELoss, pairwise_label_loss, supcon_loss
+from .store import BaseStore
+
+MIN_PAIRS = 32
+
+
+@dataclass(kw_only=True)
+class FitConfig:
+    """How to fit a head. Validated on creation."""
+
+    kind: str = DEFAULT_HEAD
+    dim_out: int | None = None
+    hidden: int = 512
+    epochs: int = 60
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    patience: int = 6
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    pairwise_weight: float = 0.0  # label-aware pairwise loss (needs labels)
+    pairwise_margin: float = 0.2
+    supcon_weight: float = 0.0  # supervised contrastive loss (needs labels)
+    supcon_temperature: float = 0.1
+    min_pairs: int = MIN_PAIRS
+    max_seconds: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise InvalidArgument(f"unknown head kind {self.kind!r}; choose one of {', '.join(HEAD_KINDS)}")
+        for name in ("epochs", "batch_size", "hidden", "min_pairs"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise InvalidArgument("batch_size must be at least 2 (contrastive batches need negatives)")
+        for name in ("lr", "temperature", "supcon_temperature"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "pairwise_weight", "supcon_weight", "patience"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must not be negative, got {getattr(self, name)}")
+
+
+@dataclass
+class PairSet:
+    """Aligned pairs of base vectors: row i of ``image`` goes with row i of ``text``.
+
+    ``image_keys``/``text_keys`` group rows that share an image / an identical caption
+    (they count as positives of each other); ``labels`` (-1 = none) and ``weights`` are
+    optional.
+    """
+
+    image: np.ndarray
+    text: np.ndarray
+    image_keys: np.ndarray
+    text_keys: np.ndarray
+    labels: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+    def __post_init__(self):
+        n = len(self.image)
+        if len(self.text) != n or len(self.image_keys) != n or len(self.text_keys) != n:
+            raise InvalidArgument("a PairSet needs as many texts and keys as images")
+        for name in ("labels", "weights"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise InvalidArgument(f"{name} must have one entry per pair")
+        if self.weights is not None and not np.all(np.isfinite(self.weights) & (self.weights >= 0)):
+            raise InvalidArgument("pair weights must be finite and non-negative")
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def subset(self, rows: np.ndarray) -> "PairSet":
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return PairSet(self.image[rows], self.text[rows], self.image_keys[rows], self.text_keys[rows],
+                       pick(self.labels), pick(self.weights))
+
+    @staticmethod
+    def concat(parts: list["PairSet"]) -> "PairSet":
+        """Concatenate pair sets; keys are offset so groups of different parts never merge."""
+        out_keys_i, out_keys_t, offset_i, offset_t = [], [], 0, 0
+        for part in parts:
+            out_keys_i.append(part.image_keys + offset_i)
+            out_keys_t.append(part.text_keys + offset_t)
+            offset_i += int(part.image_keys.max(initial=-1)) + 1
+            offset_t += int(part.text_keys.max(initial=-1)) + 1
+        labels = None if all(p.labels is None for p in parts) else np.concatenate(
+            [p.labels if p.labels is not None else np.full(len(p), -1) for p in parts])
+        weights = None if all(p.weights is None for p in parts) else np.concatenate(
+            [p.weights if p.weights is not None else np.ones(len(p), np.float32) for p in parts])
+        return PairSet(np.concatenate([p.image for p in parts]), np.concatenate([p.text for p in parts]),
+                       np.concatenate(out_keys_i), np.concatenate(out_keys_t), labels, weights)
+
+
+@dataclass
+class FitReport:
+    kind: str
+    pairs: int
+    epochs: int = 0
+    best_epoch: int = 0
+    seconds: float = 0.0
+    stopped: str = ""  # "early", "epochs", "time", "no training"
+    val_before: float | None = None
+    val_best: float | None = None
+    temperature: float | None = None
+    curve: list = field(default_factory=list)  # [{"epoch", "loss", "val_recall@10"}]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if self.val_before is None:
+            return f"{self.kind} head fitted on {self.pairs} pairs in {self.seconds:.1f} s"
+        return (f"{self.kind} head: {self.pairs} pairs, {self.epochs} epochs ({self.stopped}), best epoch "
+                f"{self.best_epoch}, {self.seconds:.1f} s; validation recall@10 {self.val_before:.3f} -> "
+                f"{self.val_best:.3f}")
+
+
+def relevance(pairs: PairSet) -> list[set[int]]:
+    """For row i: the rows that share its image or its caption (all right answers)."""
+    return [set(np.flatnonzero((pairs.image_keys == pairs.image_keys[i]) | (pairs.text_keys == pairs.text_keys[i])).tolist())
+            for i in range(len(pairs))]
+
+
+def validation_recall(head: Head, pairs: PairSet, k: int = 10, relevant: list[set[int]] | None = None) -> float:
+    """Mean of text->image and image->text recall@k over a pair set (galleries = its rows)."""
+    image = head.project(IMAGE, pairs.image)
+    text = head.project(TEXT, pairs.text)
+    relevant = relevant if relevant is not None else relevance(pairs)
+    t2i = retrieval_metrics(text, image, relevant, ks=(k,))[f"recall@{k}"]
+    i2t = retrieval_metrics(image, text, relevant, ks=(k,))[f"recall@{k}"]
+    return (t2i + i2t) / 2
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_start: Head | None = None,
+             progress: bool = False) -> tuple[Head, FitReport]:
+    """Fit a head of ``config.kind`` on ``train``; early-stop on ``val``.
+
+    Args:
+        train: training pairs (base vectors).
+        val: validation pairs; without them the head trains for ``config.epochs``.
+        config: kind, sizes, optimiser and loss settings.
+        warm_start: a head of the same kind and sizes to start from (refits).
+        progress: show a progress bar over epochs.
+
+    Returns:
+        (head, report). The head is in eval mode.
+
+    Raises:
+        InvalidArgument: fewer than ``config.min_pairs`` training pairs, a warm start of
+            another kind or size, label losses without labels.
+    """
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    dim_in = int(train.image.shape[1]) if len(train) else 0
+    report = FitReport(kind=config.kind, pairs=len(train))
+    options = {"hidden": config.hidden} if config.kind in ("mlp", "shared") else {}
+    if config.kind == "identity":
+        head = Head("identity", dim_in or (warm_start.dim_in if warm_start else 1))
+        report.stopped = "no training"
+        report.seconds = time.perf_counter() - started
+        return head.eval(), report
+    if len(train) < config.min_pairs:
+        raise InvalidArgument(f"a {config.kind} head needs at least {config.min_pairs} training pairs, got "
+                              f"{len(train)}: add pairs, or use --head identity")
+    head = Head(config.kind, dim_in, config.dim_out, options)
+    if config.kind == "pca":
+        head.projections["shared"].fit(np.concatenate([train.image, train.text]))
+        report.stopped = "no training"
+        report.seconds = time.perf_counter() - started
+        return head.eval(), report
+    if warm_start is not None:
+        if warm_start.config != head.config:
+            raise InvalidArgument(f"cannot warm-start a {head.config} head from a {warm_start.config} head")
+        head.load_state_dict(warm_start.state_dict())
+    elif head.dim_out != dim_in:
+        head.init_skip_from_pca(np.concatenate([train.image, train.text]))
+    if (config.pairwise_weight or config.supcon_weight) and (train.labels is None or (train.labels < 0).all()):
+        raise InvalidArgument("label losses need labels: give items a label in their metadata (--label-field)")
+
+    loss_fn = InfoNCELoss(config.temperature, config.learn_temperature)
+    params = list(head.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    image = torch.from_numpy(np.ascontiguousarray(train.image, dtype=np.float32))
+    text = torch.from_numpy(np.ascontiguousarray(train.text, dtype=np.float32))
+    image_keys = torch.from_numpy(train.image_keys)
+    text_keys = torch.from_numpy(train.text_keys)
+    labels = torch.from_numpy(train.labels) if train.labels is not None else None
+    weights = torch.from_numpy(train.weights.astype(np.float32)) if train.weights is not None else None
+    generator = torch.Generator().manual_seed(config.seed)
+
+    val_relevant = relevance(val) if val is not None and len(val) else None
+
+    def validate() -> float | None:
+        if val_relevant is None:
+            return None
+        head.eval()
+        score = validation_recall(head, val, relevant=val_relevant)
+        head.train()
+        return score
+
+    best_state = copy.deepcopy(head.state_dict())
+    report.val_before = report.val_best = validate()
+    report.curve.append({"epoch": 0, "loss": None, "val_recall@10": report.val_before})
+    since_best = 0
+    report.stopped = "epochs"
+    bar = tqdm(range(1, config.epochs + 1), desc=f"fitting {config.kind} head", unit="epoch",
+               disable=not progress, file=sys.stderr)
+    head.train()
+    for epoch in bar:
+        order = torch.randperm(len(train), generator=generator)
+        total, batches = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start:start + config.batch_size]
+            if len(rows) < 2:
+                continue
+            img = head(IMAGE, image[rows])
+            txt = head(TEXT, text[rows])
+            ik, tk = image_keys[rows], text_keys[rows]
+            positives = (ik[:, None] == ik[None, :]) | (tk[:, None] == tk[None, :])
+            loss = loss_fn(img, txt, positives, weights[rows] if weights is not None else None)
+            if labels is not None and (config.pairwise_weight or config.supcon_weight):
+                both = torch.cat([img, txt])
+                both_labels = torch.cat([labels[rows], labels[rows]])
+                if config.pairwise_weight:
+                    loss = loss + config.pairwise_weight * pairwise_label_loss(both, both_labels, config.pairwise_margin)
+                if config.supcon_weight:
+                    loss = loss + config.supcon_weight * supcon_loss(both, both_labels, config.supcon_temperature)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item()
+            batches += 1
+        score = validate()
+        report.epochs = epoch
+        report.curve.append({"epoch": epoch, "loss": total / max(batches, 1), "val_recall@10": score})
+        bar.set_postfix(loss=f"{total / max(batches, 1):.3f}", val=f"{score:.3f}" if score is not None else "-")
+        if score is None or score > (report.val_best or 0) + 1e-9:
+            report.val_best, report.best_epoch, since_best = score, epoch, 0
+            best_state = copy.deepcopy(head.state_dict())
+        else:
+            since_best += 1
+            if since_best >= config.patience > 0:
+                report.stopped = "early"
+                break
+        if config.max_seconds and time.perf_counter() - started > config.max_seconds:
+            report.stopped = "time"
+            break
+    bar.close()
+    head.load_state_dict(best_state)
+    report.temperature = float(torch.exp(-loss_fn.logit_scale.detach()))
+    report.seconds = time.perf_counter() - started
+    return head.eval(), report
+
+
+def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_field: str | None = None,
+                       vectors: dict | None = None) -> PairSet:
+    """The pairs of a split with their base vectors (pairs with a missing vector are left out).
+
+    Args:
+        vectors: optional {modality: (ids, base vectors)} already loaded, to avoid re-reading.
+    """
+    vectors = vectors or {m: store.load(m) for m in (IMAGE, TEXT)}
+    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
+    pairs = [(i, t) for i, t in catalog.pairs(split) if i in rows[IMAGE] and t in rows[TEXT]]
+    if not pairs:
+        dim = vectors[IMAGE][1].shape[1] if len(vectors[IMAGE][0]) else 0
+        empty = np.zeros((0, dim), np.float32)
+        return PairSet(empty, empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    info = catalog.get_items([t for _, t in pairs] + [i for i, _ in pairs])
+    image_key: dict[str, int] = {}
+    text_key: dict[str, int] = {}
+    label_ids: dict[str, int] = {}
+    ik, tk, labels = [], [], []
+    for image_id, text_id in pairs:
+        ik.append(image_key.setdefault(image_id, len(image_key)))
+        tk.append(text_key.setdefault(info[text_id]["content_hash"], len(text_key)))
+        if label_field:
+            meta = json.loads(info[image_id]["metadata"])
+            value = meta.get(label_field, json.loads(info[text_id]["metadata"]).get(label_field))
+            labels.append(-1 if value is None else label_ids.setdefault(str(value), len(label_ids)))
+    return PairSet(
+        vectors[IMAGE][1][[rows[IMAGE][i] for i, _ in pairs]],
+        vectors[TEXT][1][[rows[TEXT][t] for _, t in pairs]],
+        np.asarray(ik, np.int64), np.asarray(tk, np.int64),
+        np.asarray(labels, np.int64) if label_field else None,
+    )
+
+
+__all__ = ["FitConfig", "FitReport", "PairSet", "fit_head", "pairs_from_catalog", "validation_recall",
+           "TRAINABLE_KINDS"]
