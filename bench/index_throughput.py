@@ -30,6 +30,7 @@ import torch
 from xmodal.indexer.encoder import load_encoder
 from xmodal.indexer.images import decode_image
 from xmodal.indexer.pipeline import index_corpus
+from xmodal.indexer.train import FitConfig
 
 
 def bare_forward(encoder, paths, batch_size: int) -> float:
@@ -47,7 +48,9 @@ def pipeline(encoder, records, roco: Path, batch_size: int) -> tuple[float, floa
         with open(corpus / "captions.jsonl", "w") as handle:
             for record in records:
                 handle.write(json.dumps({**record, "image": str(roco / record["image"])}) + "\n")
-        report = index_corpus(corpus, Path(tmp) / "data", encoder, batch_size=batch_size, progress=False)
+        # identity head: this measures indexing, not head fitting
+        report = index_corpus(corpus, Path(tmp) / "data", encoder, batch_size=batch_size, progress=False,
+                              head=FitConfig(kind="identity"))
         return report.embedded["image"] / report.image_seconds, report.seconds
 
 

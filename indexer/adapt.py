@@ -22,7 +22,10 @@ def held_out_metrics(catalog: Catalog, vectors: dict, head: Head, split: str = "
     (image_ids, image_base), (text_ids, text_base) = vectors[IMAGE], vectors[TEXT]
     if not pairs or not image_ids or not text_ids:
         return {}
-    return pair_metrics(image_ids, head.project(IMAGE, image_base), text_ids, head.project(TEXT, text_base), pairs)
+    rows = catalog.get_items([t for _, t in pairs])
+    groups = {t: row["content_hash"] for t, row in rows.items()}  # identical captions are interchangeable
+    return pair_metrics(image_ids, head.project(IMAGE, image_base), text_ids, head.project(TEXT, text_base), pairs,
+                        text_groups=groups)
 
 
 def fit_from_catalog(catalog: Catalog, store: BaseStore, config: FitConfig, *, label_field: str | None = None,

@@ -38,9 +38,15 @@ def retrieval_metrics(queries: np.ndarray, gallery: np.ndarray, relevant: list[s
 
 
 def pair_metrics(image_ids: list[str], image_vecs: np.ndarray, text_ids: list[str], text_vecs: np.ndarray,
-                 pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+                 pairs: list[tuple[str, str]], text_groups: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """Text->image and image->text metrics over the items of ``pairs`` (a held-out split):
-    each query's gallery is every item of the other modality that appears in the pairs."""
+    each query's gallery is every item of the other modality that appears in the pairs.
+
+    Args:
+        text_groups: text id -> content key (e.g. its hash). Texts with the same content
+            are interchangeable: an image paired with any of them is a right answer for
+            each of them, and each of them is a right answer for that image.
+    """
     img_row = {i: r for r, i in enumerate(image_ids)}
     txt_row = {t: r for r, t in enumerate(text_ids)}
     pairs = [(i, t) for i, t in pairs if i in img_row and t in txt_row]
@@ -50,11 +56,16 @@ def pair_metrics(image_ids: list[str], image_vecs: np.ndarray, text_ids: list[st
         return {}
     g_img = {i: n for n, i in enumerate(images)}
     g_txt = {t: n for n, t in enumerate(texts)}
+    group = (lambda t: text_groups.get(t, t)) if text_groups else (lambda t: t)
+    members: dict[str, list[str]] = {}
+    for t in texts:
+        members.setdefault(group(t), []).append(t)
     text_rel: dict[str, set[int]] = {t: set() for t in texts}
     image_rel: dict[str, set[int]] = {i: set() for i in images}
     for i, t in pairs:
-        text_rel[t].add(g_img[i])
-        image_rel[i].add(g_txt[t])
+        for same in members[group(t)]:
+            text_rel[same].add(g_img[i])
+            image_rel[i].add(g_txt[same])
     img_gallery = image_vecs[[img_row[i] for i in images]]
     txt_gallery = text_vecs[[txt_row[t] for t in texts]]
     return {

@@ -37,9 +37,10 @@ class InfoNCELoss(torch.nn.Module):
         """
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
         logits = scale * image @ text.T
-        targets = positives.float()
-        image_to_text = -(targets / targets.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1)
-        text_to_image = -(targets.T / targets.T.sum(1, keepdim=True) * F.log_softmax(logits.T, 1)).sum(1)
+        # -log of the probability mass on *any* right answer: identical captions share it,
+        # instead of splitting a one-hot target (which would leave a log(n) floor).
+        image_to_text = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positives, float("-inf")), 1)
+        text_to_image = torch.logsumexp(logits.T, 1) - torch.logsumexp(logits.T.masked_fill(~positives.T, float("-inf")), 1)
         per_pair = (image_to_text + text_to_image) / 2
         if weights is None:
             return per_pair.mean()

@@ -90,17 +90,20 @@ def test_label_losses_pull_same_label_items_together(loss):
 
 
 def test_duplicate_captions_count_as_positives_not_negatives():
-    """Two pairs with the same caption: InfoNCE with their keys merged must not push the
-    duplicate caption away from the other pair's image."""
+    """Two images with the same caption (so the same text vector): treated as negatives,
+    each image's row has its twin caption at the same logit as its own, a floor of log 2
+    that no training can remove; as positives that floor goes away."""
     from xmodal.indexer.losses import InfoNCELoss
 
-    image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
-    text = image.clone()
-    loss = InfoNCELoss(0.1, learn_temperature=False)
+    image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [0.9, 0.4], [-0.2, 1.0]]), dim=1)
+    caption = torch.nn.functional.normalize(torch.tensor([[1.0, 0.25]]), dim=1)
+    text = torch.cat([caption, caption, image[2:]])  # rows 0 and 1 share one caption
+    loss = InfoNCELoss(0.01, learn_temperature=False)
     as_negatives = loss(image, text, torch.eye(3, dtype=torch.bool))
-    keys = torch.tensor([0, 0, 1])  # rows 0 and 1 share a caption
+    keys = torch.tensor([0, 0, 1])
     as_positives = loss(image, text, keys[:, None] == keys[None, :])
-    assert as_positives < as_negatives
+    assert as_negatives > 0.4  # rows 0 and 1 pay ~log 2 image->text, plus the text->image side
+    assert as_positives < 0.1
 
 
 def test_label_losses_without_labels_are_refused():
