@@ -3,7 +3,7 @@
     from xmodal.client import SearchClient
 """
 
-from ._client import Hit, Item, SearchClient, SearchResult, Status
+from ._client import Hit, Item, RefitRun, SearchClient, SearchResult, SnapshotInfo, Status
 from ._errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -18,7 +18,7 @@ from ._errors import (
 )
 
 __all__ = [
-    "SearchClient", "SearchResult", "Hit", "Item", "Status",
+    "SearchClient", "SearchResult", "Hit", "Item", "Status", "RefitRun", "SnapshotInfo",
     "XmodalError", "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted",
     "Unauthenticated", "PermissionDenied", "Unavailable", "DeadlineExceeded", "ServerError",
 ]

@@ -56,6 +56,32 @@ class Item:
 
 
 @dataclass(frozen=True)
+class RefitRun:
+    run_id: str
+    mode: str
+    state: str  # running, promoted, rejected, failed, interrupted
+    started_at: str
+    duration_s: float
+    before: dict
+    after: dict
+    snapshot_id: str
+    message: str
+    progress: str
+    feedback_events: int
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot_id: str
+    created_at: str
+    head_kind: str
+    parent_id: str
+    encoder: str
+    metrics: dict
+    live: bool = False
+
+
+@dataclass(frozen=True)
 class Status:
     serving: bool
     snapshot_id: str
@@ -66,7 +92,25 @@ class Status:
     uptime_s: float
     max_k: int
     metrics: dict
+    feedback_total: int = 0
+    feedback_since_last_refit: int = 0
+    refits: list = field(default_factory=list)  # RefitRun, most recent first
     raw: object = field(repr=False, default=None)
+
+
+def _query(text, image, item_id) -> pb.Query:
+    if len([v for v in (text, image, item_id) if v is not None]) != 1:
+        raise InvalidArgument("pass exactly one of text=, image= or item_id=")
+    if text is not None:
+        return pb.Query(text=text)
+    if image is not None:
+        return pb.Query(image=Path(image).read_bytes() if isinstance(image, (str, Path)) else bytes(image))
+    return pb.Query(item_id=item_id)
+
+
+def _snapshot(info, live_id: str) -> SnapshotInfo:
+    return SnapshotInfo(info.snapshot_id, info.created_at, info.head_kind, info.parent_id, info.encoder,
+                        json.loads(info.metrics_json or "{}"), info.snapshot_id == live_id)
 
 
 class SearchClient:
@@ -95,6 +139,7 @@ class SearchClient:
                              ("grpc.max_send_message_length", 64 * 1024 * 1024)])
         self._search = pb_grpc.SearchServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._admin = pb_grpc.AdminServiceStub(self._channel)
 
     def __enter__(self) -> "SearchClient":
         return self
@@ -119,15 +164,7 @@ class SearchClient:
             raise InvalidArgument("pass exactly one of text=, image= or item_id=")
         if target not in _MODALITY_VALUES:
             raise InvalidArgument(f"target must be 'image', 'text' or None, got {target!r}")
-        if isinstance(image, (str, Path)):
-            image = Path(image).read_bytes()
-        if text is not None:
-            query = pb.Query(text=text)
-        elif image is not None:
-            query = pb.Query(image=bytes(image))
-        else:
-            query = pb.Query(item_id=item_id)
-        request = pb.SearchRequest(query=query, target=_MODALITY_VALUES[target], k=k)
+        request = pb.SearchRequest(query=_query(text, image, item_id), target=_MODALITY_VALUES[target], k=k)
         with map_errors(self.target):
             response = self._search.Search(request, timeout=timeout or self.timeout)
         timing = {name: getattr(response.timing, name) for name in ("encode_ms", "head_ms", "search_ms", "total_ms")}
@@ -157,8 +194,51 @@ class SearchClient:
             counts={_MODALITY_NAMES[c.modality]: {"catalog_items": c.catalog_items, "indexed": c.indexed}
                     for c in r.counts},
             version=r.version, uptime_s=r.uptime_s, max_k=r.max_k,
-            metrics=json.loads(r.snapshot.metrics_json or "{}"), raw=r,
+            metrics=json.loads(r.snapshot.metrics_json or "{}"), feedback_total=r.feedback.total,
+            feedback_since_last_refit=r.feedback.since_last_refit,
+            refits=[RefitRun(x.run_id, x.mode, x.state, x.started_at, x.duration_s, json.loads(x.before_json or "{}"),
+                             json.loads(x.after_json or "{}"), x.snapshot_id, x.message, x.progress, x.feedback_events)
+                    for x in r.refits],
+            raw=r,
         )
+
+    # -- feedback and administration ---------------------------------------------------------
+    def submit_feedback(self, *, relevant: Sequence[str], text: str | None = None,
+                        image: bytes | str | Path | None = None, item_id: str | None = None,
+                        irrelevant: Sequence[str] = (), weight: float = 1.0, source: str = "",
+                        timeout: float | None = None) -> str:
+        """Record that ``relevant`` items answer a query; returns the feedback id once the
+        event is durable on the server."""
+        request = pb.SubmitFeedbackRequest(query=_query(text, image, item_id), relevant_ids=list(relevant),
+                                           irrelevant_ids=list(irrelevant), weight=weight, source=source)
+        with map_errors(self.target):
+            return self._search.SubmitFeedback(request, timeout=timeout or self.timeout).feedback_id
+
+    def refit(self, mode: str = "", *, timeout: float | None = None) -> str:
+        """Start a refit now ("query", "full", "auto" or "" for the server's mode); returns its run id."""
+        with map_errors(self.target):
+            return self._admin.Refit(pb.RefitRequest(mode=mode), timeout=timeout or self.timeout).run_id
+
+    def wait_for_refit(self, run_id: str, timeout: float = 600.0) -> RefitRun:
+        """Poll GetStatus until the run is no longer running; returns its record."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for run in self.status().refits:
+                if run.run_id == run_id and run.state != "running":
+                    return run
+            if time.monotonic() > deadline:
+                raise Unavailable(f"refit {run_id} still running after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def list_snapshots(self, *, timeout: float | None = None) -> list[SnapshotInfo]:
+        with map_errors(self.target):
+            r = self._admin.ListSnapshots(pb.ListSnapshotsRequest(), timeout=timeout or self.timeout)
+        return [_snapshot(s, r.live_id) for s in r.snapshots]
+
+    def rollback(self, snapshot_id: str, *, timeout: float | None = None) -> SnapshotInfo:
+        with map_errors(self.target):
+            r = self._admin.Rollback(pb.RollbackRequest(snapshot_id=snapshot_id), timeout=timeout or self.timeout)
+        return _snapshot(r.snapshot, r.snapshot.snapshot_id)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard health check: "SERVING", "NOT_SERVING", ..."""

@@ -113,6 +113,11 @@ class Head(torch.nn.Module):
         if hidden is not None and hidden <= 0:
             raise InvalidArgument(f"hidden width must be positive, got {hidden}")
         self.projections = torch.nn.ModuleDict()
+        # Query-side adapters (refits in "query" mode): applied to queries only, after the
+        # projection, so documents already indexed stay valid and nothing is re-projected.
+        self.query_adapters = torch.nn.ModuleDict()
+        for modality in self.options.get("query_adapters", []):
+            self.query_adapters[modality] = Residual(dim_out, dim_out, int(self.options["adapter_hidden"]))
         if kind == "pca":
             self.projections["shared"] = PCAProjection(dim_in, dim_out)
         elif kind == "shared":
@@ -132,10 +137,29 @@ class Head(torch.nn.Module):
             return self.projections[modality]
         return self.projections["shared"] if "shared" in self.projections else None
 
-    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+    def add_query_adapter(self, modality: str, hidden: int = 256) -> None:
+        """Add a zero-initialised query-side adapter for ``modality`` (no-op if present)."""
+        if modality not in MODALITIES:
+            raise InvalidArgument(f"unknown modality {modality!r}")
+        if modality in self.query_adapters:
+            return
+        self.options["adapter_hidden"] = int(self.options.get("adapter_hidden", hidden))
+        self.query_adapters[modality] = Residual(self.dim_out, self.dim_out, self.options["adapter_hidden"])
+        self.options["query_adapters"] = sorted(self.query_adapters.keys())
+
+    def without_query_adapters(self) -> "Head":
+        """A copy with the same projections and no query adapters (for full refits)."""
+        options = {k: v for k, v in self.options.items() if k not in ("query_adapters", "adapter_hidden")}
+        head = Head(self.kind, self.dim_in, self.dim_out, options)
+        head.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("query_adapters.")})
+        return head.eval()
+
+    def forward(self, modality: str, x: torch.Tensor, query: bool = False) -> torch.Tensor:
         projection = self.projection(modality)
-        projected = projection(x) if projection is not None else x
-        return torch.nn.functional.normalize(projected, dim=-1)
+        projected = torch.nn.functional.normalize(projection(x) if projection is not None else x, dim=-1)
+        if query and modality in self.query_adapters:
+            projected = torch.nn.functional.normalize(self.query_adapters[modality](projected), dim=-1)
+        return projected
 
     def init_skip_from_pca(self, vectors: np.ndarray) -> None:
         """Start dimension-changing skip paths at the PCA of ``vectors``."""
@@ -146,13 +170,17 @@ class Head(torch.nn.Module):
                 with torch.no_grad():
                     module.skip.weight.copy_(pca.components)
 
-    def project(self, modality: str, vectors: np.ndarray) -> np.ndarray:
-        """Apply the modality's projection to base vectors; returns normalised float32."""
+    def project(self, modality: str, vectors: np.ndarray, query: bool = False) -> np.ndarray:
+        """Apply the modality's projection to base vectors; returns normalised float32.
+
+        Args:
+            query: the vectors are queries: apply the modality's query adapter too, if any.
+        """
         x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != self.dim_in:
             raise InvalidArgument(f"head expects (N, {self.dim_in}) vectors, got {tuple(x.shape)}")
         with torch.inference_mode():
-            return np.ascontiguousarray(self(modality, x).numpy(), dtype=np.float32)
+            return np.ascontiguousarray(self(modality, x, query).numpy(), dtype=np.float32)
 
     def digest(self) -> str:
         """sha256 over the config and every tensor, in a fixed order."""

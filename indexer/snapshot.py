@@ -115,8 +115,14 @@ def write_snapshot(
     parent_id: str | None = None,
     metrics: dict | None = None,
     make_current: bool = True,
+    reuse_indexes_from: str | None = None,
 ) -> dict:
     """Project every base vector with ``head``, build the indexes and write a snapshot.
+
+    Args:
+        reuse_indexes_from: id of a snapshot whose index files are still right for
+            ``head`` (a query-side refit): they are hard-linked, not rebuilt, and nothing
+            is re-projected.
 
     Returns:
         The manifest (also at snapshots/<id>/manifest.json).
@@ -127,7 +133,14 @@ def write_snapshot(
     tmp.mkdir()
     head_hash = head.save(tmp)
     counts = {}
-    for modality in MODALITIES:
+    if reuse_indexes_from is not None:
+        source = data.snapshots / reuse_indexes_from
+        parent = json.loads((source / "manifest.json").read_text())
+        factory, counts = parent["faiss_factory"], dict(parent["counts"])
+        for modality in MODALITIES:
+            for name in (f"{modality}.faiss", f"{modality}.ids.npy"):
+                os.link(source / name, tmp / name)  # immutable files: a link is a free copy
+    for modality in MODALITIES if reuse_indexes_from is None else ():
         ids, base = store.load(modality)
         vectors = head.project(modality, base) if ids else np.zeros((0, head.dim_out), np.float32)
         index = build_index(vectors, factory)
@@ -146,6 +159,7 @@ def write_snapshot(
         "faiss_factory": factory,
         "counts": counts,
         "metrics": metrics or {},
+        "indexes_from": reuse_indexes_from,
     }
     with open(tmp / "manifest.json", "w") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=True)
@@ -158,6 +172,18 @@ def write_snapshot(
     if make_current:
         data.set_current(snapshot_id)
     return manifest
+
+
+def prune_snapshots(data: DataDir, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest snapshots; the one CURRENT names always stays."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    current = data.current_id()
+    ids = data.snapshot_ids()  # ids sort by creation time
+    doomed = [i for i in ids[:-keep] if i != current]
+    for snapshot_id in doomed:
+        shutil.rmtree(data.snapshots / snapshot_id)
+    return doomed
 
 
 class ModalityIndex:

@@ -151,12 +151,13 @@ def relevance(pairs: PairSet) -> list[set[int]]:
 
 
 def validation_recall(head: Head, pairs: PairSet, k: int = 10, relevant: list[set[int]] | None = None) -> float:
-    """Mean of text->image and image->text recall@k over a pair set (galleries = its rows)."""
-    image = head.project(IMAGE, pairs.image)
-    text = head.project(TEXT, pairs.text)
+    """Mean of text->image and image->text recall@k over a pair set (galleries = its rows;
+    queries go through their query adapters, galleries do not)."""
     relevant = relevant if relevant is not None else relevance(pairs)
-    t2i = retrieval_metrics(text, image, relevant, ks=(k,))[f"recall@{k}"]
-    i2t = retrieval_metrics(image, text, relevant, ks=(k,))[f"recall@{k}"]
+    t2i = retrieval_metrics(head.project(TEXT, pairs.text, query=True), head.project(IMAGE, pairs.image),
+                            relevant, ks=(k,))[f"recall@{k}"]
+    i2t = retrieval_metrics(head.project(IMAGE, pairs.image, query=True), head.project(TEXT, pairs.text),
+                            relevant, ks=(k,))[f"recall@{k}"]
     return (t2i + i2t) / 2
 
 
@@ -211,9 +212,43 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
         head.init_skip_from_pca(np.concatenate([train.image, train.text]))
     if (config.pairwise_weight or config.supcon_weight) and (train.labels is None or (train.labels < 0).all()):
         raise InvalidArgument("label losses need labels: give items a label in their metadata (--label-field)")
+    _train(head, list(head.parameters()), train, val, config, report, started, progress=progress)
+    return head.eval(), report
 
+
+def fit_query_adapter(live: Head, modality: str, train: PairSet, val: PairSet | None, config: FitConfig, *,
+                      progress: bool = False) -> tuple[Head, FitReport]:
+    """Train only a query-side adapter for ``modality`` on top of a frozen ``live`` head
+    (warm-started from its adapter, if it has one). Documents projected by ``live`` stay
+    valid for the result, so its indexes can be reused as they are.
+
+    Returns:
+        (a new head: ``live``'s projections plus the trained adapter, report)
+    """
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    report = FitReport(kind=f"{live.kind}+{modality}-query-adapter", pairs=len(train))
+    if len(train) < config.min_pairs:
+        raise InvalidArgument(f"a query refit needs at least {config.min_pairs} training pairs, got {len(train)}")
+    head = copy.deepcopy(live)
+    head.add_query_adapter(modality, hidden=config.hidden)
+    for parameter in head.parameters():
+        parameter.requires_grad_(False)
+    params = list(head.query_adapters[modality].parameters())
+    for parameter in params:
+        parameter.requires_grad_(True)
+    _train(head, params, train, val, config, report, started, progress=progress, query_modality=modality)
+    for parameter in head.parameters():
+        parameter.requires_grad_(True)
+    return head.eval(), report
+
+
+def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config: FitConfig, report: FitReport,
+           started: float, *, progress: bool, query_modality: str | None = None) -> None:
+    """The shared loop: InfoNCE (+ label losses), AdamW, early stopping on validation
+    recall from epoch 0; leaves the best state in ``head`` and fills ``report``."""
     loss_fn = InfoNCELoss(config.temperature, config.learn_temperature)
-    params = list(head.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
+    params = params + [p for p in loss_fn.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     image = torch.from_numpy(np.ascontiguousarray(train.image, dtype=np.float32))
     text = torch.from_numpy(np.ascontiguousarray(train.text, dtype=np.float32))
@@ -238,7 +273,7 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
     report.curve.append({"epoch": 0, "loss": None, "val_recall@10": report.val_before})
     since_best = 0
     report.stopped = "epochs"
-    bar = tqdm(range(1, config.epochs + 1), desc=f"fitting {config.kind} head", unit="epoch",
+    bar = tqdm(range(1, config.epochs + 1), desc=f"fitting {report.kind}", unit="epoch",
                disable=not progress, file=sys.stderr)
     head.train()
     for epoch in bar:
@@ -248,8 +283,8 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
             rows = order[start:start + config.batch_size]
             if len(rows) < 2:
                 continue
-            img = head(IMAGE, image[rows])
-            txt = head(TEXT, text[rows])
+            img = head(IMAGE, image[rows], query_modality == IMAGE)
+            txt = head(TEXT, text[rows], query_modality == TEXT)
             ik, tk = image_keys[rows], text_keys[rows]
             positives = (ik[:, None] == ik[None, :]) | (tk[:, None] == tk[None, :])
             loss = loss_fn(img, txt, positives, weights[rows] if weights is not None else None)
@@ -284,7 +319,6 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
     head.load_state_dict(best_state)
     report.temperature = float(torch.exp(-loss_fn.logit_scale.detach()))
     report.seconds = time.perf_counter() - started
-    return head.eval(), report
 
 
 def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_field: str | None = None,
@@ -321,5 +355,5 @@ def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_
     )
 
 
-__all__ = ["FitConfig", "FitReport", "PairSet", "fit_head", "pairs_from_catalog", "validation_recall",
+__all__ = ["FitConfig", "FitReport", "PairSet", "fit_head", "fit_query_adapter", "pairs_from_catalog", "validation_recall",
            "TRAINABLE_KINDS"]

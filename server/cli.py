@@ -126,17 +126,41 @@ def build_engine(data: str, model: str, pretrained: str | None, threads: int | N
     return engine
 
 
+def _policy(args):
+    from xmodal.server.refit import RefitPolicy
+
+    return RefitPolicy(interval_s=args.refit_interval, after_feedback=args.refit_after, mode=args.refit_mode,
+                       max_seconds=args.refit_max_seconds, tolerance=args.refit_tolerance,
+                       feedback_weight=args.feedback_weight, keep_snapshots=args.keep_snapshots,
+                       epochs=args.refit_epochs)
+
+
+def _add_refit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refit-mode", default="auto", choices=["auto", "query", "full"],
+                        help="query: only the query modality's adapter, indexes reused; full: both heads, indexes "
+                             "rebuilt from the base store; auto: query unless the corpus changed (default auto)")
+    parser.add_argument("--refit-max-seconds", type=float, default=600.0, help="training time cap per refit (default 600)")
+    parser.add_argument("--refit-tolerance", type=float, default=0.01,
+                        help="promote only if validation recall@10 drops by at most this (default 0.01)")
+    parser.add_argument("--refit-epochs", type=int, default=40, help="maximum epochs per refit (default 40)")
+    parser.add_argument("--feedback-weight", type=float, default=1.0, help="weight of feedback pairs vs corpus pairs")
+    parser.add_argument("--keep-snapshots", type=int, default=10, help="snapshots kept for rollback (default 10)")
+
+
 def cmd_serve(args) -> int:
+    from xmodal.server.refit import Refitter
     from xmodal.server.service import Server
 
     log = logging.getLogger("xmodal.server")
     model, pretrained = _model_args(args, Path(args.data))
     engine = build_engine(args.data, model, pretrained, args.threads, args.max_k, args.allow_pickle)
+    refitter = Refitter(engine, _policy(args))
     if engine.snapshot is None:
         log.warning("no snapshot in %s yet: health is NOT_SERVING and searches fail with FAILED_PRECONDITION "
                     "until one is indexed (picked up without a restart)", engine.data.root)
     engine.watch(args.watch_interval)
-    server = Server(engine, host=args.host, port=args.port, max_workers=args.rpc_workers).start()
+    server = Server(engine, host=args.host, port=args.port, max_workers=args.rpc_workers, refitter=refitter).start()
+    refitter.schedule()
     log.info("serving %s on %s (encoder %s)", engine.data.root, server.address, engine.encoder.identity)
     if args.port_file:
         tmp = Path(args.port_file).with_suffix(".tmp")
@@ -185,6 +209,82 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_feedback(args) -> int:
+    from xmodal.client import SearchClient
+
+    if args.file:
+        events = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
+    else:
+        if not args.relevant:
+            raise SystemExit("xmodal feedback: give --relevant ID (with --text/--image/--item), or --file FILE.jsonl")
+        events = [{"text": args.text, "image": args.image, "item_id": args.item, "relevant": args.relevant,
+                   "irrelevant": args.irrelevant or [], "weight": args.weight, "source": args.source}]
+    with SearchClient(args.server, timeout=args.timeout) as client:
+        for n, event in enumerate(events, start=1):
+            unknown = set(event) - {"text", "image", "item_id", "relevant", "irrelevant", "weight", "source"}
+            if unknown:
+                raise SystemExit(f"xmodal feedback: line {n}: unknown field(s) {sorted(unknown)}")
+            feedback_id = client.submit_feedback(
+                text=event.get("text"), image=event.get("image"), item_id=event.get("item_id"),
+                relevant=event.get("relevant") or [], irrelevant=event.get("irrelevant") or [],
+                weight=float(event.get("weight", 1.0)), source=event.get("source") or "")
+            print(feedback_id)
+    return 0
+
+
+def cmd_refit(args) -> int:
+    if args.server and args.data:
+        raise SystemExit("xmodal refit: pass --server (a running server) or --data (offline), not both")
+    if args.data:
+        from xmodal.server.refit import Refitter
+
+        model, pretrained = _model_args(args, Path(args.data))
+        engine = build_engine(args.data, model, pretrained, args.threads, 1000, args.allow_pickle)
+        refitter = Refitter(engine, _policy(args))
+        run_id = refitter.start(args.mode or None)
+        refitter.wait()
+        row = next(r for r in engine.catalog.runs() if r["id"] == run_id)
+        print(json.dumps({k: row[k] for k in ("id", "mode", "state", "snapshot_id", "message")}, indent=2))
+        print(f"before: {row['before']}\nafter:  {row['after']}")
+        return 0 if row["state"] in ("promoted", "rejected") else 1
+    from xmodal.client import SearchClient
+
+    with SearchClient(args.server or f"127.0.0.1:{DEFAULT_PORT}", timeout=args.timeout) as client:
+        run_id = client.refit(args.mode)
+        print(f"started {run_id}")
+        if args.wait:
+            run = client.wait_for_refit(run_id, timeout=args.timeout_refit)
+            print(json.dumps(vars(run), indent=2))
+    return 0
+
+
+def cmd_snapshots(args) -> int:
+    if args.data:
+        from xmodal.indexer.snapshot import DataDir
+
+        data = DataDir(args.data)
+        if args.rollback:
+            data.set_current(args.rollback)
+            print(f"CURRENT is now {args.rollback}; a running server picks it up within its watch interval")
+            return 0
+        current = data.current_id()
+        for snapshot_id in data.snapshot_ids():
+            manifest = json.loads((data.snapshots / snapshot_id / "manifest.json").read_text())
+            mark = "*" if snapshot_id == current else " "
+            print(f"{mark} {snapshot_id}  {manifest['head']['kind']:8s} parent {manifest.get('parent_id') or '-'}")
+        return 0
+    from xmodal.client import SearchClient
+
+    with SearchClient(args.server, timeout=args.timeout) as client:
+        if args.rollback:
+            info = client.rollback(args.rollback)
+            print(f"live snapshot is now {info.snapshot_id} ({info.head_kind})")
+            return 0
+        for info in client.list_snapshots():
+            print(f"{'*' if info.live else ' '} {info.snapshot_id}  {info.head_kind:8s} parent {info.parent_id or '-'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from xmodal.server.demo import run_demo
 
@@ -200,7 +300,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate the offline demo corpus, index it, serve it, show queries")
     p.add_argument("--data", default="demo-data", help="data directory (default ./demo-data)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 = any free)")
-    p.add_argument("--n", type=int, default=1000, help="image-caption pairs to generate (default 1000)")
+    p.add_argument("--n", type=int, default=2000, help="image-caption pairs to generate (default 2000)")
     p.add_argument("--once", action="store_true", help="exit after the example searches instead of serving on")
     p.set_defaults(func=cmd_demo)
 
@@ -242,7 +342,43 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-workers", type=int, default=8, help="gRPC worker threads (default 8)")
     p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between checks of snapshots/CURRENT")
     p.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get on SIGTERM (default 5)")
+    p.add_argument("--refit-interval", type=float, default=None,
+                   help="refit every N seconds when there is new feedback (default: off)")
+    p.add_argument("--refit-after", type=int, default=None, help="refit after M new feedback events (default: off)")
+    _add_refit_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("feedback", help="send feedback: a query and the items that answer it (one, or a JSONL file)")
+    p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--text", help="the query text")
+    q.add_argument("--image", help="path of the query image")
+    q.add_argument("--item", help="id of the query item")
+    q.add_argument("--file", help="JSONL: {text|image|item_id, relevant: [...], irrelevant?, weight?, source?} per line")
+    p.add_argument("--relevant", nargs="+", help="ids of the items that answer the query")
+    p.add_argument("--irrelevant", nargs="+", help="ids of items judged wrong")
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--source", default="cli", help="tag of where the feedback came from")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=cmd_feedback)
+
+    p = sub.add_parser("refit", help="ask a running server to refit now, or refit a data directory offline")
+    p.add_argument("--server", default=None, help=f"host:port of a running server (default 127.0.0.1:{DEFAULT_PORT})")
+    p.add_argument("--data", default=None, help="refit this data directory offline instead")
+    p.add_argument("--mode", default="", choices=["", "auto", "query", "full"], help="refit mode (default: the policy's)")
+    p.add_argument("--wait", action="store_true", help="wait for the run to finish and print it")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout-refit", type=float, default=1800.0, help="seconds --wait waits (default 1800)")
+    _add_model_args(p, default_from_data=True)
+    _add_refit_args(p)
+    p.set_defaults(func=cmd_refit)
+
+    p = sub.add_parser("snapshots", help="list snapshots, or roll back to one (--rollback ID)")
+    p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port of a running server")
+    p.add_argument("--data", default=None, help="work on a data directory instead of a server")
+    p.add_argument("--rollback", default=None, metavar="ID", help="make this snapshot live")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=cmd_snapshots)
 
     p = sub.add_parser("search", help="query a running server and print hits")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")

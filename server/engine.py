@@ -8,8 +8,11 @@ in one answer and never makes a search wait.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +27,15 @@ from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from xmodal.indexer.images import DEFAULT_MAX_PIXELS, decode_image
 from xmodal.indexer.snapshot import DataDir, Snapshot
+from xmodal.indexer.store import BaseStore
+
+FEEDBACK_VAL_FRACTION = 0.2
+
+
+def feedback_split(feedback_id: str, val_fraction: float = FEEDBACK_VAL_FRACTION) -> str:
+    """Deterministic slice of feedback held out for validating refits."""
+    bucket = int.from_bytes(hashlib.sha256(feedback_id.encode()).digest()[:8], "big") / 2**64
+    return "val" if bucket < val_fraction else "train"
 
 log = logging.getLogger("xmodal.server")
 VERSION = "0.1.0"
@@ -38,6 +50,7 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_text_chars: int = 10_000
     max_items_per_request: int = 100
+    max_feedback_ids: int = 100
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -83,6 +96,7 @@ class SearchEngine:
         self.encoder = encoder
         self.limits = limits or Limits()
         self.catalog = Catalog(self.data.catalog_path)
+        self.store = BaseStore(self.data.base, self.catalog)
         self.started = time.time()
         self._snapshot: Snapshot | None = None
         self._swap_lock = threading.Lock()
@@ -113,21 +127,32 @@ class SearchEngine:
         Raises:
             FailedPrecondition: the snapshot was built with another encoder.
         """
+        wanted = self.data.current_id()
+        if wanted is None or (self._snapshot is not None and self._snapshot.id == wanted):
+            return False
+        return self.load_snapshot(wanted)
+
+    def load_snapshot(self, snapshot_id: str) -> bool:
+        """Make ``snapshot_id`` the live snapshot of this engine (CURRENT is not touched).
+
+        Raises:
+            NotFound: no such snapshot. FailedPrecondition: built with another encoder.
+        """
         with self._swap_lock:
-            wanted = self.data.current_id()
-            if wanted is None or (self._snapshot is not None and self._snapshot.id == wanted):
+            if self._snapshot is not None and self._snapshot.id == snapshot_id:
                 return False
-            snapshot = Snapshot(self.data.snapshots / wanted)
+            snapshot = Snapshot(self.data.snapshots / snapshot_id)
             if snapshot.encoder != self.encoder.identity:
                 raise FailedPrecondition(
-                    f"snapshot {wanted} was built with encoder {snapshot.encoder}, but this server runs "
+                    f"snapshot {snapshot_id} was built with encoder {snapshot.encoder}, but this server runs "
                     f"{self.encoder.identity}: start the server with the model the data directory was indexed with"
                 )
             if snapshot.manifest["base_dim"] != self.encoder.dim:
-                raise FailedPrecondition(f"snapshot {wanted} expects {snapshot.manifest['base_dim']}-d base vectors, "
-                                         f"the encoder makes {self.encoder.dim}-d")
+                raise FailedPrecondition(f"snapshot {snapshot_id} expects {snapshot.manifest['base_dim']}-d base "
+                                         f"vectors, the encoder makes {self.encoder.dim}-d")
             self._snapshot = snapshot  # the swap: one reference assignment
-            log.info("live snapshot is now %s (%s)", snapshot.id, snapshot.manifest["counts"])
+            log.info("live snapshot is now %s (%s head, %s)", snapshot.id, snapshot.head.kind,
+                     snapshot.manifest["counts"])
         for listener in self._listeners:
             listener(snapshot)
         return True
@@ -176,24 +201,85 @@ class SearchEngine:
             modality, vector = found
             return modality, vector.reshape(1, -1), timing
         t0 = time.perf_counter()
+        modality, base = self.encode_query(text=text, image=image)
+        t1 = time.perf_counter()
+        vector = snapshot.head.project(modality, base, query=True)
+        t2 = time.perf_counter()
+        timing["encode_ms"] = (t1 - t0) * 1e3
+        timing["head_ms"] = (t2 - t1) * 1e3
+        return modality, vector, timing
+
+    def encode_query(self, *, text: str | None = None, image: bytes | None = None) -> tuple[str, np.ndarray]:
+        """Validate a text or image query and return its modality and base embedding (1, dim)."""
         if text is not None:
             if not text.strip():
                 raise InvalidArgument("query text is empty: send the words to search for")
             if len(text) > self.limits.max_text_chars:
                 raise ResourceExhausted(f"query text has {len(text):,} characters, over the limit of "
                                         f"{self.limits.max_text_chars:,}")
-            modality, base = TEXT, self.encoder.encode_texts([text])
+            return TEXT, self.encoder.encode_texts([text])
+        if image is None:
+            raise InvalidArgument("a query needs text, image or item_id")
+        if len(image) > self.limits.max_image_bytes:
+            raise ResourceExhausted(f"image has {len(image):,} bytes, over the limit of {self.limits.max_image_bytes:,}")
+        picture = decode_image(image, max_pixels=self.limits.max_pixels)
+        return IMAGE, self.encoder.encode_images([picture])
+
+    def submit_feedback(self, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None,
+                        relevant: list[str], irrelevant: list[str] | None = None, weight: float = 1.0,
+                        source: str = "") -> str:
+        """Record that ``relevant`` items answer a query. Durable when it returns.
+
+        The query's base embedding is stored with the event, so refits never re-encode.
+
+        Returns:
+            The feedback id.
+
+        Raises:
+            InvalidArgument: no query or no relevant ids, empty ids, bad weight.
+            NotFound: unknown item ids (all named). ResourceExhausted: too many ids.
+        """
+        irrelevant = list(irrelevant or [])
+        relevant = list(relevant)
+        given = [v for v in (text, image, item_id) if v is not None]
+        if len(given) != 1:
+            raise InvalidArgument("feedback needs exactly one query: text, image or item_id")
+        if not relevant:
+            raise InvalidArgument("feedback needs at least one relevant item id (the item the user confirmed)")
+        if len(relevant) + len(irrelevant) > self.limits.max_feedback_ids:
+            raise ResourceExhausted(f"{len(relevant) + len(irrelevant)} item ids in one feedback event, over the limit "
+                                    f"of {self.limits.max_feedback_ids}")
+        if any(not isinstance(i, str) or not i.strip() for i in relevant + irrelevant):
+            raise InvalidArgument("an item id in relevant_ids or irrelevant_ids is empty")
+        if weight == 0:
+            weight = 1.0  # proto3's default: not set
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or not 0 < weight <= 100:
+            raise InvalidArgument(f"weight must be a finite number in (0, 100], got {weight!r}")
+        if len(source) > 200:
+            raise InvalidArgument("source tag is longer than 200 characters")
+        rows = self.catalog.item_rows(relevant + irrelevant + ([item_id] if item_id is not None else []))
+        missing = [i for i in dict.fromkeys(relevant + irrelevant) if i not in rows]
+        if missing:
+            raise NotFound(f"unknown item id(s) in feedback: {', '.join(repr(m) for m in missing[:10])}")
+        if item_id is not None:
+            if not item_id.strip():
+                raise InvalidArgument("item_id is empty: pass the id of an indexed item")
+            if item_id not in rows:
+                raise NotFound(f"unknown query item id {item_id!r}")
+            modality, shard, row = rows[item_id]
+            if shard is None:
+                raise FailedPrecondition(f"item {item_id!r} has no embedding yet (not indexed, or undecodable)")
+            base = self.store.vector(modality, shard, row)
+            kind, query_text = "item_id", item_id
         else:
-            if len(image) > self.limits.max_image_bytes:
-                raise ResourceExhausted(f"image has {len(image):,} bytes, over the limit of {self.limits.max_image_bytes:,}")
-            picture = decode_image(image, max_pixels=self.limits.max_pixels)
-            modality, base = IMAGE, self.encoder.encode_images([picture])
-        t1 = time.perf_counter()
-        vector = snapshot.head.project(modality, base)
-        t2 = time.perf_counter()
-        timing["encode_ms"] = (t1 - t0) * 1e3
-        timing["head_ms"] = (t2 - t1) * 1e3
-        return modality, vector, timing
+            modality, base = self.encode_query(text=text, image=image)
+            kind, query_text = ("text", text) if text is not None else ("image", "")
+        feedback_id = "fb-" + secrets.token_hex(8)
+        self.catalog.add_feedback(feedback_id=feedback_id, query_kind=kind, query_modality=modality,
+                                  query_text=query_text, embedding=np.asarray(base).reshape(-1), relevant=relevant,
+                                  irrelevant=irrelevant, weight=float(weight), source=source,
+                                  split=feedback_split(feedback_id))
+        return feedback_id
 
     def search(self, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None,
                target: str | None = None, k: int = 10) -> SearchResult:

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent import futures
+from datetime import datetime, timezone
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from xmodal.indexer.corpus import IMAGE, TEXT
-from xmodal.indexer.errors import InvalidArgument
+from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, NotFound
 from xmodal.v1 import xmodal_pb2 as pb
 from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
 
 from .engine import SearchEngine
 from .errors import rpc
+from .refit import Refitter
 
 log = logging.getLogger("xmodal.server")
 
 _TO_PROTO = {IMAGE: pb.MODALITY_IMAGE, TEXT: pb.MODALITY_TEXT}
 _FROM_PROTO = {pb.MODALITY_UNSPECIFIED: None, pb.MODALITY_IMAGE: IMAGE, pb.MODALITY_TEXT: TEXT}
 SEARCH_SERVICE = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 # Requests above this are refused by gRPC itself with RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
@@ -33,17 +37,31 @@ def modality_from_proto(value: int) -> str | None:
     return _FROM_PROTO[value]
 
 
+def snapshot_info(manifest: dict) -> pb.SnapshotInfo:
+    return pb.SnapshotInfo(
+        snapshot_id=manifest["id"], created_at=manifest["created_at"], encoder=manifest["encoder"],
+        head_kind=manifest["head"]["kind"], head_hash=manifest["head"]["sha256"],
+        faiss_factory=manifest["faiss_factory"], dim=manifest["dim"], parent_id=manifest.get("parent_id") or "",
+        metrics_json=json.dumps(manifest.get("metrics") or {}),
+    )
+
+
+def _query_kwargs(query) -> dict:
+    kind = query.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("query is empty: set one of query.text, query.image or query.item_id")
+    return {kind: getattr(query, kind)}
+
+
 class SearchServicer(pb_grpc.SearchServiceServicer):
-    def __init__(self, engine: SearchEngine):
+    def __init__(self, engine: SearchEngine, refitter: Refitter | None = None):
         self.engine = engine
+        self.refitter = refitter
 
     @rpc
     def Search(self, request, context):
-        kind = request.query.WhichOneof("kind")
-        if kind is None:
-            raise InvalidArgument("query is empty: set one of query.text, query.image or query.item_id")
-        result = self.engine.search(**{kind: getattr(request.query, kind)},
-                                    target=modality_from_proto(request.target), k=request.k)
+        result = self.engine.search(**_query_kwargs(request.query), target=modality_from_proto(request.target),
+                                    k=request.k)
         return pb.SearchResponse(
             snapshot_id=result.snapshot_id,
             timing=pb.Timing(**result.timing),
@@ -65,15 +83,22 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     def GetStatus(self, request, context):
         status = self.engine.status()
         manifest = status["snapshot"]
-        snapshot = None
-        if manifest:
-            snapshot = pb.SnapshotInfo(
-                snapshot_id=manifest["id"], created_at=manifest["created_at"], encoder=manifest["encoder"],
-                head_kind=manifest["head"]["kind"], head_hash=manifest["head"]["sha256"],
-                faiss_factory=manifest["faiss_factory"], dim=manifest["dim"], parent_id=manifest.get("parent_id") or "",
-                metrics_json=json.dumps(manifest.get("metrics") or {}),
-            )
+        snapshot = snapshot_info(manifest) if manifest else None
+        catalog = self.engine.catalog
+        last = catalog.last_run_started()
+        running = self.refitter.running if self.refitter else None
+        refits = []
+        for row in catalog.runs(limit=10):
+            finished = row["finished_at"] or time.time()
+            refits.append(pb.RefitRun(
+                run_id=row["id"], mode=row["mode"], state=row["state"],
+                started_at=datetime.fromtimestamp(row["started_at"], timezone.utc).isoformat(timespec="seconds"),
+                duration_s=finished - row["started_at"], before_json=row["before"], after_json=row["after"],
+                snapshot_id=row["snapshot_id"] or "", message=row["message"], feedback_events=row["feedback_events"],
+                progress=self.refitter.progress if row["id"] == running else ""))
         return pb.GetStatusResponse(
+            feedback=pb.FeedbackCounts(total=catalog.count_feedback(), since_last_refit=catalog.count_feedback(since=last)),
+            refits=refits,
             serving=status["serving"], snapshot=snapshot, version=status["version"], uptime_s=status["uptime_s"],
             max_k=status["max_k"], data_dir=status["data_dir"],
             counts=[pb.ModalityCount(modality=_TO_PROTO[m], catalog_items=c["catalog_items"], indexed=c["indexed"])
@@ -81,21 +106,70 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         )
 
 
+    @rpc
+    def SubmitFeedback(self, request, context):
+        feedback_id = self.engine.submit_feedback(
+            **_query_kwargs(request.query), relevant=list(request.relevant_ids),
+            irrelevant=list(request.irrelevant_ids), weight=request.weight, source=request.source)
+        return pb.SubmitFeedbackResponse(feedback_id=feedback_id)
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(self, engine: SearchEngine, refitter: Refitter):
+        self.engine = engine
+        self.refitter = refitter
+
+    @rpc
+    def Refit(self, request, context):
+        return pb.RefitResponse(run_id=self.refitter.start(request.mode or None))
+
+    @rpc
+    def ListSnapshots(self, request, context):
+        data = self.engine.data
+        infos = [snapshot_info(json.loads((data.snapshots / i / "manifest.json").read_text()))
+                 for i in data.snapshot_ids()]
+        live = self.engine.snapshot
+        return pb.ListSnapshotsResponse(snapshots=infos, live_id=live.id if live else "")
+
+    @rpc
+    def Rollback(self, request, context):
+        if not request.snapshot_id.strip():
+            raise InvalidArgument("snapshot_id is empty: pass an id from ListSnapshots")
+        if self.refitter.running:
+            raise FailedPrecondition(f"refit {self.refitter.running} is running: roll back after it finishes")
+        data = self.engine.data
+        if request.snapshot_id not in data.snapshot_ids():
+            raise NotFound(f"no snapshot {request.snapshot_id!r}; ListSnapshots shows the ones kept")
+        previous = data.current_id()
+        self.engine.load_snapshot(request.snapshot_id)  # validates (encoder) before CURRENT moves
+        try:
+            data.set_current(request.snapshot_id)
+        except Exception:
+            if previous:
+                self.engine.load_snapshot(previous)
+            raise
+        log.info("rolled back to snapshot %s (was %s)", request.snapshot_id, previous)
+        return pb.RollbackResponse(snapshot=snapshot_info(self.engine.snapshot.manifest))
+
+
 class Server:
     """A running gRPC server: SearchService, health and reflection on one port."""
 
-    def __init__(self, engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8):
+    def __init__(self, engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
+                 refitter: Refitter | None = None):
         self.engine = engine
+        self.refitter = refitter or Refitter(engine)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="xmodal-rpc"),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
-        pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(engine), self.grpc_server)
+        pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(engine, self.refitter), self.grpc_server)
+        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine, self.refitter), self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
-            (SEARCH_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SEARCH_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc_server,
         )
         address = f"{host}:{port}"
@@ -123,6 +197,7 @@ class Server:
         for service in ("", SEARCH_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc_server.stop(grace).wait()
+        self.refitter.close()
         self.engine.close()
 
     def wait(self) -> None:

@@ -144,8 +144,42 @@ class SnapshotInfo(_message.Message):
     metrics_json: str
     def __init__(self, snapshot_id: _Optional[str] = ..., created_at: _Optional[str] = ..., encoder: _Optional[str] = ..., head_kind: _Optional[str] = ..., head_hash: _Optional[str] = ..., faiss_factory: _Optional[str] = ..., dim: _Optional[int] = ..., parent_id: _Optional[str] = ..., metrics_json: _Optional[str] = ...) -> None: ...
 
+class FeedbackCounts(_message.Message):
+    __slots__ = ("total", "since_last_refit")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_LAST_REFIT_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    since_last_refit: int
+    def __init__(self, total: _Optional[int] = ..., since_last_refit: _Optional[int] = ...) -> None: ...
+
+class RefitRun(_message.Message):
+    __slots__ = ("run_id", "mode", "state", "started_at", "duration_s", "before_json", "after_json", "snapshot_id", "message", "progress", "feedback_events")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_JSON_FIELD_NUMBER: _ClassVar[int]
+    AFTER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    mode: str
+    state: str
+    started_at: str
+    duration_s: float
+    before_json: str
+    after_json: str
+    snapshot_id: str
+    message: str
+    progress: str
+    feedback_events: int
+    def __init__(self, run_id: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[str] = ..., started_at: _Optional[str] = ..., duration_s: _Optional[float] = ..., before_json: _Optional[str] = ..., after_json: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[str] = ..., feedback_events: _Optional[int] = ...) -> None: ...
+
 class GetStatusResponse(_message.Message):
-    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir")
+    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir", "feedback", "refits")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +187,8 @@ class GetStatusResponse(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    REFITS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     snapshot: SnapshotInfo
     counts: _containers.RepeatedCompositeFieldContainer[ModalityCount]
@@ -160,4 +196,62 @@ class GetStatusResponse(_message.Message):
     uptime_s: float
     max_k: int
     data_dir: str
-    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...
+    feedback: FeedbackCounts
+    refits: _containers.RepeatedCompositeFieldContainer[RefitRun]
+    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackCounts, _Mapping]] = ..., refits: _Optional[_Iterable[_Union[RefitRun, _Mapping]]] = ...) -> None: ...
+
+class SubmitFeedbackRequest(_message.Message):
+    __slots__ = ("query", "relevant_ids", "irrelevant_ids", "weight", "source")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    RELEVANT_IDS_FIELD_NUMBER: _ClassVar[int]
+    IRRELEVANT_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    query: Query
+    relevant_ids: _containers.RepeatedScalarFieldContainer[str]
+    irrelevant_ids: _containers.RepeatedScalarFieldContainer[str]
+    weight: float
+    source: str
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., relevant_ids: _Optional[_Iterable[str]] = ..., irrelevant_ids: _Optional[_Iterable[str]] = ..., weight: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+
+class SubmitFeedbackResponse(_message.Message):
+    __slots__ = ("feedback_id",)
+    FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    feedback_id: str
+    def __init__(self, feedback_id: _Optional[str] = ...) -> None: ...
+
+class RefitRequest(_message.Message):
+    __slots__ = ("mode",)
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    def __init__(self, mode: _Optional[str] = ...) -> None: ...
+
+class RefitResponse(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots", "live_id")
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
+    live_id: str
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., live_id: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: SnapshotInfo
+    def __init__(self, snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class SearchServiceStub:
                 request_serializer=xmodal_dot_v1_dot_xmodal__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.SubmitFeedback = channel.unary_unary(
+                '/xmodal.v1.SearchService/SubmitFeedback',
+                request_serializer=xmodal_dot_v1_dot_xmodal__pb2.SubmitFeedbackRequest.SerializeToString,
+                response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.SubmitFeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -69,7 +74,14 @@ class SearchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Live snapshot, counts and limits.
+        """Live snapshot, counts, limits, feedback counts and recent refits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitFeedback(self, request, context):
+        """A user's confirmation: a query and the items that answer it. Durable when it returns.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +104,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.GetStatusRequest.FromString,
                     response_serializer=xmodal_dot_v1_dot_xmodal__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.SubmitFeedbackRequest.FromString,
+                    response_serializer=xmodal_dot_v1_dot_xmodal__pb2.SubmitFeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,193 @@ class SearchService:
             '/xmodal.v1.SearchService/GetStatus',
             xmodal_dot_v1_dot_xmodal__pb2.GetStatusRequest.SerializeToString,
             xmodal_dot_v1_dot_xmodal__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xmodal.v1.SearchService/SubmitFeedback',
+            xmodal_dot_v1_dot_xmodal__pb2.SubmitFeedbackRequest.SerializeToString,
+            xmodal_dot_v1_dot_xmodal__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Refit = channel.unary_unary(
+                '/xmodal.v1.AdminService/Refit',
+                request_serializer=xmodal_dot_v1_dot_xmodal__pb2.RefitRequest.SerializeToString,
+                response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.RefitResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/xmodal.v1.AdminService/ListSnapshots',
+                request_serializer=xmodal_dot_v1_dot_xmodal__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/xmodal.v1.AdminService/Rollback',
+                request_serializer=xmodal_dot_v1_dot_xmodal__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.RollbackResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Refit(self, request, context):
+        """Start a refit now; returns its run id (GetStatus shows its progress).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Make an earlier snapshot live (persists across restarts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Refit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Refit,
+                    request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.RefitRequest.FromString,
+                    response_serializer=xmodal_dot_v1_dot_xmodal__pb2.RefitResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=xmodal_dot_v1_dot_xmodal__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.RollbackRequest.FromString,
+                    response_serializer=xmodal_dot_v1_dot_xmodal__pb2.RollbackResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'xmodal.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('xmodal.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Refit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xmodal.v1.AdminService/Refit',
+            xmodal_dot_v1_dot_xmodal__pb2.RefitRequest.SerializeToString,
+            xmodal_dot_v1_dot_xmodal__pb2.RefitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xmodal.v1.AdminService/ListSnapshots',
+            xmodal_dot_v1_dot_xmodal__pb2.ListSnapshotsRequest.SerializeToString,
+            xmodal_dot_v1_dot_xmodal__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xmodal.v1.AdminService/Rollback',
+            xmodal_dot_v1_dot_xmodal__pb2.RollbackRequest.SerializeToString,
+            xmodal_dot_v1_dot_xmodal__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,298 @@
+"""Refits from feedback: training data, the gate, the atomic swap, the scheduler.
+
+A refit fits a new head on the corpus train pairs plus the train slice of the feedback
+(weighted), warm-started from the live head; validates it against the live head on the
+corpus val pairs and on the held-out slice of the feedback; and promotes it only if it is
+not worse on either beyond ``tolerance``. Modes:
+
+- ``query``: only a query-side adapter of the queries' modality is trained; the indexes of
+  the live snapshot are hard-linked into the new one (nothing re-projected or rebuilt);
+- ``full``: both heads are refitted; the base store is re-projected and the indexes are
+  rebuilt from it (nothing is re-encoded);
+- ``auto``: ``query`` unless the corpus changed since the live snapshot was built (new
+  items must be projected), or ``full_every`` query refits have been stacked since the last
+  full one.
+
+At most one refit runs at a time. Promotion writes the snapshot atomically, moves CURRENT
+and swaps the engine's reference; searches in flight finish on the old snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from xmodal.indexer.corpus import IMAGE, TEXT
+from xmodal.indexer.errors import FailedPrecondition, InvalidArgument
+from xmodal.indexer.evaluate import retrieval_metrics
+from xmodal.indexer.snapshot import prune_snapshots, write_snapshot
+from xmodal.indexer.train import (FitConfig, PairSet, fit_head, fit_query_adapter, pairs_from_catalog,
+                                  validation_recall)
+
+from .engine import SearchEngine
+
+log = logging.getLogger("xmodal.server")
+MODES = ("auto", "query", "full")
+
+
+@dataclass(kw_only=True)
+class RefitPolicy:
+    """When and how the server refits its head."""
+
+    interval_s: float | None = None      # refit every N seconds (None: not on a timer)
+    after_feedback: int | None = None    # refit after M new feedback events (None: not on a count)
+    mode: str = "auto"
+    max_seconds: float = 600.0           # wall-time cap of the training part of a run
+    tolerance: float = 0.01              # how much worse than live a new head may validate
+    feedback_weight: float = 1.0         # multiplies each event's own weight
+    keep_snapshots: int = 10
+    full_every: int = 10                 # in auto mode, a full refit after this many query ones
+    epochs: int = 40
+    min_pairs: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InvalidArgument(f"refit mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("interval_s", "after_feedback"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InvalidArgument(f"{name} must be positive when set, got {value}")
+        if self.max_seconds <= 0 or self.tolerance < 0 or self.feedback_weight <= 0:
+            raise InvalidArgument("max_seconds and feedback_weight must be positive, tolerance not negative")
+        if self.keep_snapshots < 1 or self.full_every < 1 or self.epochs < 1:
+            raise InvalidArgument("keep_snapshots, full_every and epochs must be at least 1")
+
+
+def _feedback_pairs(events, vectors: dict, weight_scale: float) -> tuple[PairSet | None, str | None]:
+    """Feedback events -> (image, text) pairs of base vectors, and the queries' main modality.
+
+    An event whose query and relevant item are of different modalities gives one pair per
+    relevant item; same-modality confirmations are kept in the catalog but not trained on.
+    """
+    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
+    image, text, ikeys, tkeys, weights, modality_counts = [], [], [], [], [], {IMAGE: 0, TEXT: 0}
+    image_key: dict[str, int] = {}
+    text_key: dict[str, int] = {}
+    for event in events:
+        query_modality = event["query_modality"]
+        other = TEXT if query_modality == IMAGE else IMAGE
+        query = np.frombuffer(event["query_embedding"], dtype=np.float32)
+        query_id = event["query_text"] if event["query_kind"] != "image" else event["id"]
+        for relevant in json.loads(event["relevant"]):
+            row = rows[other].get(relevant)
+            if row is None:
+                continue
+            target = vectors[other][1][row]
+            modality_counts[query_modality] += 1
+            if query_modality == TEXT:
+                image.append(target), text.append(query)
+                ikeys.append(image_key.setdefault(relevant, len(image_key)))
+                tkeys.append(text_key.setdefault(query_id, len(text_key)))
+            else:
+                image.append(query), text.append(target)
+                ikeys.append(image_key.setdefault(query_id, len(image_key)))
+                tkeys.append(text_key.setdefault(relevant, len(text_key)))
+            weights.append(event["weight"] * weight_scale)
+    if not image:
+        return None, None
+    main = max(modality_counts, key=modality_counts.get)
+    return PairSet(np.stack(image), np.stack(text), np.asarray(ikeys), np.asarray(tkeys),
+                   weights=np.asarray(weights, np.float32)), main
+
+
+def feedback_recall(head, events, vectors: dict, k: int = 10) -> float | None:
+    """Recall@k of held-out feedback: each event's query (through its query adapter) against
+    the whole gallery of its relevant items' modality."""
+    if not events:
+        return None
+    galleries = {m: head.project(m, vectors[m][1]) for m in (IMAGE, TEXT) if len(vectors[m][0])}
+    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
+    hits, total = 0, 0
+    for modality in (IMAGE, TEXT):
+        chosen = [e for e in events if e["query_modality"] == modality]
+        other = TEXT if modality == IMAGE else IMAGE
+        relevant = [{rows[other][i] for i in json.loads(e["relevant"]) if i in rows[other]} for e in chosen]
+        keep = [n for n, r in enumerate(relevant) if r]
+        if not keep or other not in galleries:
+            continue
+        queries = head.project(modality, np.stack([np.frombuffer(chosen[n]["query_embedding"], np.float32)
+                                                   for n in keep]), query=True)
+        result = retrieval_metrics(queries, galleries[other], [relevant[n] for n in keep], ks=(k,))
+        hits += result[f"recall@{k}"] * len(keep)
+        total += len(keep)
+    return hits / total if total else None
+
+
+class Refitter:
+    """Runs refits for one engine, one at a time, on demand or on a schedule."""
+
+    def __init__(self, engine: SearchEngine, policy: RefitPolicy | None = None):
+        self.engine = engine
+        self.policy = policy or RefitPolicy()
+        self._lock = threading.Lock()
+        self._running: str | None = None
+        self.progress = ""
+        self._thread: threading.Thread | None = None
+        self._scheduler: threading.Thread | None = None
+        self._stop = threading.Event()
+        for run_id in engine.catalog.interrupt_running_runs():
+            log.warning("refit run %s was interrupted by a restart; the previous snapshot stays live", run_id)
+
+    @property
+    def running(self) -> str | None:
+        return self._running
+
+    def start(self, mode: str | None = None) -> str:
+        """Start a refit in the background; returns its run id.
+
+        Raises:
+            InvalidArgument: unknown mode. FailedPrecondition: a refit is already running,
+                or no snapshot is loaded.
+        """
+        mode = mode or self.policy.mode
+        if mode not in MODES:
+            raise InvalidArgument(f"refit mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if self.engine.snapshot is None:
+            raise FailedPrecondition("no snapshot is loaded: there is no head to refit yet")
+        with self._lock:
+            if self._running is not None:
+                raise FailedPrecondition(f"refit {self._running} is still running; at most one runs at a time")
+            run_id = "refit-" + time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+            self._running = run_id
+            self.engine.catalog.start_run(run_id, mode, self.engine.snapshot.id)
+        self._thread = threading.Thread(target=self._run, args=(run_id, mode), name=f"xmodal-{run_id}", daemon=True)
+        self._thread.start()
+        return run_id
+
+    def wait(self, timeout: float | None = None) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self, run_id: str, mode: str) -> None:
+        started = time.perf_counter()
+        try:
+            outcome = self._refit(run_id, mode)
+        except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the live snapshot stays
+            log.exception("refit %s failed", run_id)
+            outcome = {"state": "failed", "mode": mode, "message": f"{type(exc).__name__}: {exc}"}
+        finally:
+            with self._lock:
+                self._running = None
+                self.progress = ""
+        self.engine.catalog.finish_run(run_id, **outcome)
+        log.info("refit %s %s in %.1f s (%s)", run_id, outcome["state"], time.perf_counter() - started,
+                 outcome.get("message", ""))
+
+    def _resolve_mode(self, mode: str, live, vectors: dict) -> str:
+        if mode != "auto":
+            return mode
+        counts = {m: len(vectors[m][0]) for m in (IMAGE, TEXT)}
+        if counts != live.manifest["counts"]:
+            return "full"  # new items must be projected into the indexes
+        stacked = 0
+        for row in self.engine.catalog.runs(limit=self.policy.full_every):
+            if row["state"] != "promoted":
+                continue
+            if row["mode"] == "full":
+                break
+            stacked += 1
+        return "full" if stacked >= self.policy.full_every else "query"
+
+    def _refit(self, run_id: str, mode: str) -> dict:
+        engine, policy = self.engine, self.policy
+        live = engine.snapshot
+        catalog = engine.catalog
+        self.progress = "loading base vectors"
+        vectors = {m: engine.store.load(m) for m in (IMAGE, TEXT)}
+        mode = self._resolve_mode(mode, live, vectors)
+        if mode == "query" and {m: len(vectors[m][0]) for m in (IMAGE, TEXT)} != live.manifest["counts"]:
+            raise FailedPrecondition("the corpus changed since the live snapshot was built: run a full refit")
+        events = catalog.feedback()
+        train_events = [e for e in events if e["split"] == "train"]
+        val_events = [e for e in events if e["split"] == "val"]
+        corpus_train = pairs_from_catalog(catalog, engine.store, "train", vectors=vectors)
+        corpus_val = pairs_from_catalog(catalog, engine.store, "val", vectors=vectors)
+        feedback_train, query_modality = _feedback_pairs(train_events, vectors, policy.feedback_weight)
+        feedback_val, _ = _feedback_pairs(val_events, vectors, 1.0)
+        parts = [corpus_train] + ([feedback_train] if feedback_train is not None else [])
+        train = PairSet.concat(parts) if len(parts) > 1 else corpus_train
+        # Early stopping watches held-out feedback too: a refit exists to learn what the
+        # corpus does not say, so corpus pairs alone would stop it before it starts.
+        val = PairSet.concat([corpus_val, feedback_val]) if feedback_val is not None and len(corpus_val) else \
+            (feedback_val if feedback_val is not None else corpus_val)
+        config = FitConfig(kind=live.head.kind if live.head.kind in ("linear", "mlp", "shared") else "mlp",
+                           hidden=int(live.head.options.get("hidden", 512)), epochs=policy.epochs,
+                           max_seconds=policy.max_seconds, min_pairs=policy.min_pairs, seed=policy.seed)
+        self.progress = f"training ({mode} mode, {len(train)} pairs of which {len(train) - len(corpus_train)} feedback)"
+        warm = None
+        if mode == "query":
+            new_head, report = fit_query_adapter(live.head, query_modality or TEXT, train, val, config)
+        else:
+            warm = live.head.without_query_adapters() if live.head.kind == config.kind else None
+            new_head, report = fit_head(train, val, config, warm_start=warm)
+        self.progress = "validating"
+        before = {"corpus_val_recall@10": validation_recall(live.head, corpus_val) if len(corpus_val) else None,
+                  "feedback_val_recall@10": feedback_recall(live.head, val_events, vectors)}
+        after = {"corpus_val_recall@10": validation_recall(new_head, corpus_val) if len(corpus_val) else None,
+                 "feedback_val_recall@10": feedback_recall(new_head, val_events, vectors),
+                 "fit": {k: v for k, v in asdict(report).items() if k != "curve"}}
+        worse = [name for name in ("corpus_val_recall@10", "feedback_val_recall@10")
+                 if before[name] is not None and after[name] is not None
+                 and after[name] < before[name] - policy.tolerance]
+        common = {"mode": mode, "before": before, "after": after, "feedback_events": len(events)}
+        if report.best_epoch == 0 and (mode == "query" or warm is not None):
+            return {**common, "state": "rejected",
+                    "message": "no epoch validated better than the live head: nothing new to promote"}
+        if worse:
+            return {**common, "state": "rejected",
+                    "message": f"new head validates worse than live on {', '.join(worse)} (tolerance {policy.tolerance})"}
+        self.progress = "writing snapshot"
+        metrics = {"refit": {"run_id": run_id, "before": before, "after": after}}
+        manifest = write_snapshot(engine.data, catalog, engine.store, new_head, encoder=live.encoder,
+                                  factory=live.manifest["faiss_factory"], parent_id=live.id, metrics=metrics,
+                                  make_current=False, reuse_indexes_from=live.id if mode == "query" else None)
+        engine.data.set_current(manifest["id"])
+        engine.load_current()
+        removed = prune_snapshots(engine.data, policy.keep_snapshots)
+        if removed:
+            log.info("removed %d old snapshot(s) beyond the last %d", len(removed), policy.keep_snapshots)
+        return {**common, "state": "promoted", "snapshot_id": manifest["id"],
+                "message": f"promoted {manifest['id']}"}
+
+    # -- schedule --------------------------------------------------------------------------
+    def schedule(self, check_every: float = 1.0) -> None:
+        """Start the background scheduler (a no-op when the policy sets no trigger)."""
+        if self.policy.interval_s is None and self.policy.after_feedback is None:
+            return
+
+        def loop():
+            while not self._stop.wait(check_every):
+                try:
+                    if self._running is None and self.engine.snapshot is not None and self._due():
+                        self.start()
+                except Exception:  # noqa: BLE001 - the scheduler must survive a bad run
+                    log.exception("scheduled refit could not start")
+
+        self._scheduler = threading.Thread(target=loop, name="xmodal-refit-scheduler", daemon=True)
+        self._scheduler.start()
+
+    def _due(self) -> bool:
+        """Due on the timer (when there is new feedback to learn from) or on the count."""
+        last = self.engine.catalog.last_run_started()
+        new = self.engine.catalog.count_feedback(since=last)
+        if self.policy.interval_s is not None and new and (last is None or time.time() - last >= self.policy.interval_s):
+            return True
+        return self.policy.after_feedback is not None and new >= self.policy.after_feedback
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._scheduler is not None:
+            self._scheduler.join(timeout=5)
