@@ -168,7 +168,7 @@ def seed_everything(seed: int) -> None:
 
 
 def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_start: Head | None = None,
-             progress: bool = False) -> tuple[Head, FitReport]:
+             progress: bool = False, score=None) -> tuple[Head, FitReport]:
     """Fit a head of ``config.kind`` on ``train``; early-stop on ``val``.
 
     Args:
@@ -177,6 +177,8 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
         config: kind, sizes, optimiser and loss settings.
         warm_start: a head of the same kind and sizes to start from (refits).
         progress: show a progress bar over epochs.
+        score: optional ``score(head) -> float`` to early-stop on instead of ``val``'s
+            recall@10 (refits use their gate's own figure).
 
     Returns:
         (head, report). The head is in eval mode.
@@ -212,12 +214,12 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
         head.init_skip_from_pca(np.concatenate([train.image, train.text]))
     if (config.pairwise_weight or config.supcon_weight) and (train.labels is None or (train.labels < 0).all()):
         raise InvalidArgument("label losses need labels: give items a label in their metadata (--label-field)")
-    _train(head, list(head.parameters()), train, val, config, report, started, progress=progress)
+    _train(head, list(head.parameters()), train, val, config, report, started, progress=progress, score=score)
     return head.eval(), report
 
 
 def fit_query_adapter(live: Head, modality: str, train: PairSet, val: PairSet | None, config: FitConfig, *,
-                      progress: bool = False) -> tuple[Head, FitReport]:
+                      progress: bool = False, score=None) -> tuple[Head, FitReport]:
     """Train only a query-side adapter for ``modality`` on top of a frozen ``live`` head
     (warm-started from its adapter, if it has one). Documents projected by ``live`` stay
     valid for the result, so its indexes can be reused as they are.
@@ -237,14 +239,15 @@ def fit_query_adapter(live: Head, modality: str, train: PairSet, val: PairSet | 
     params = list(head.query_adapters[modality].parameters())
     for parameter in params:
         parameter.requires_grad_(True)
-    _train(head, params, train, val, config, report, started, progress=progress, query_modality=modality)
+    _train(head, params, train, val, config, report, started, progress=progress, query_modality=modality,
+           score=score)
     for parameter in head.parameters():
         parameter.requires_grad_(True)
     return head.eval(), report
 
 
 def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config: FitConfig, report: FitReport,
-           started: float, *, progress: bool, query_modality: str | None = None) -> None:
+           started: float, *, progress: bool, query_modality: str | None = None, score=None) -> None:
     """The shared loop: InfoNCE (+ label losses), AdamW, early stopping on validation
     recall from epoch 0; leaves the best state in ``head`` and fills ``report``."""
     loss_fn = InfoNCELoss(config.temperature, config.learn_temperature)
@@ -258,15 +261,15 @@ def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config
     weights = torch.from_numpy(train.weights.astype(np.float32)) if train.weights is not None else None
     generator = torch.Generator().manual_seed(config.seed)
 
-    val_relevant = relevance(val) if val is not None and len(val) else None
+    val_relevant = relevance(val) if val is not None and len(val) and score is None else None
 
     def validate() -> float | None:
-        if val_relevant is None:
+        if val_relevant is None and score is None:
             return None
         head.eval()
-        score = validation_recall(head, val, relevant=val_relevant)
+        value = score(head) if score is not None else validation_recall(head, val, relevant=val_relevant)
         head.train()
-        return score
+        return value
 
     best_state = copy.deepcopy(head.state_dict())
     report.val_before = report.val_best = validate()
@@ -300,12 +303,12 @@ def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config
             optimiser.step()
             total += loss.item()
             batches += 1
-        score = validate()
+        current = validate()
         report.epochs = epoch
-        report.curve.append({"epoch": epoch, "loss": total / max(batches, 1), "val_recall@10": score})
-        bar.set_postfix(loss=f"{total / max(batches, 1):.3f}", val=f"{score:.3f}" if score is not None else "-")
-        if score is None or score > (report.val_best or 0) + 1e-9:
-            report.val_best, report.best_epoch, since_best = score, epoch, 0
+        report.curve.append({"epoch": epoch, "loss": total / max(batches, 1), "val_recall@10": current})
+        bar.set_postfix(loss=f"{total / max(batches, 1):.3f}", val=f"{current:.3f}" if current is not None else "-")
+        if current is None or current > (report.val_best or 0) + 1e-9:
+            report.val_best, report.best_epoch, since_best = current, epoch, 0
             best_state = copy.deepcopy(head.state_dict())
         else:
             since_best += 1

@@ -54,6 +54,9 @@ class RefitPolicy:
     keep_snapshots: int = 10
     full_every: int = 10                 # in auto mode, a full refit after this many query ones
     epochs: int = 40
+    batch_size: int = 64                 # small batches: feedback sets are small, steps matter
+    patience: int = 10
+    lr: float = 2e-3
     min_pairs: int = 32
     seed: int = 0
 
@@ -221,29 +224,33 @@ class Refitter:
         corpus_train = pairs_from_catalog(catalog, engine.store, "train", vectors=vectors)
         corpus_val = pairs_from_catalog(catalog, engine.store, "val", vectors=vectors)
         feedback_train, query_modality = _feedback_pairs(train_events, vectors, policy.feedback_weight)
-        feedback_val, _ = _feedback_pairs(val_events, vectors, 1.0)
         parts = [corpus_train] + ([feedback_train] if feedback_train is not None else [])
         train = PairSet.concat(parts) if len(parts) > 1 else corpus_train
-        # Early stopping watches held-out feedback too: a refit exists to learn what the
-        # corpus does not say, so corpus pairs alone would stop it before it starts.
-        val = PairSet.concat([corpus_val, feedback_val]) if feedback_val is not None and len(corpus_val) else \
-            (feedback_val if feedback_val is not None else corpus_val)
+
+        def figures(head) -> dict:
+            return {"corpus_val_recall@10": validation_recall(head, corpus_val) if len(corpus_val) else None,
+                    "feedback_val_recall@10": feedback_recall(head, val_events, vectors)}
+
+        def gate_score(head) -> float:
+            # Early stopping on the gate's own figures: a refit exists to learn what the
+            # corpus does not say, so corpus pairs alone would stop it before it starts.
+            values = [v for v in figures(head).values() if v is not None]
+            return sum(values) / len(values) if values else 0.0
         config = FitConfig(kind=live.head.kind if live.head.kind in ("linear", "mlp", "shared") else "mlp",
                            hidden=int(live.head.options.get("hidden", 512)), epochs=policy.epochs,
-                           max_seconds=policy.max_seconds, min_pairs=policy.min_pairs, seed=policy.seed)
+                           max_seconds=policy.max_seconds, min_pairs=policy.min_pairs, seed=policy.seed,
+                           batch_size=policy.batch_size, patience=policy.patience, lr=policy.lr)
         self.progress = f"training ({mode} mode, {len(train)} pairs of which {len(train) - len(corpus_train)} feedback)"
         warm = None
         if mode == "query":
-            new_head, report = fit_query_adapter(live.head, query_modality or TEXT, train, val, config)
+            new_head, report = fit_query_adapter(live.head, query_modality or TEXT, train, None, config,
+                                                 score=gate_score)
         else:
             warm = live.head.without_query_adapters() if live.head.kind == config.kind else None
-            new_head, report = fit_head(train, val, config, warm_start=warm)
+            new_head, report = fit_head(train, None, config, warm_start=warm, score=gate_score)
         self.progress = "validating"
-        before = {"corpus_val_recall@10": validation_recall(live.head, corpus_val) if len(corpus_val) else None,
-                  "feedback_val_recall@10": feedback_recall(live.head, val_events, vectors)}
-        after = {"corpus_val_recall@10": validation_recall(new_head, corpus_val) if len(corpus_val) else None,
-                 "feedback_val_recall@10": feedback_recall(new_head, val_events, vectors),
-                 "fit": {k: v for k, v in asdict(report).items() if k != "curve"}}
+        before = figures(live.head)
+        after = {**figures(new_head), "fit": {k: v for k, v in asdict(report).items() if k != "curve"}}
         worse = [name for name in ("corpus_val_recall@10", "feedback_val_recall@10")
                  if before[name] is not None and after[name] is not None
                  and after[name] < before[name] - policy.tolerance]
