@@ -82,6 +82,22 @@ class Residual(torch.nn.Module):
         return self.skip(x) + update
 
 
+class QueryAdapter(torch.nn.Module):
+    """A query-side correction computed from the *base* vector and added in the output
+    space: ``normalize(head(x)) + fc2(relu(fc1(x)))``; fc2 starts at zero. Reading the base
+    vector (not the projected one) lets it use what the document head threw away."""
+
+    def __init__(self, dim_in: int, dim_out: int, hidden: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(dim_in, hidden)
+        self.fc2 = torch.nn.Linear(hidden, dim_out)
+        torch.nn.init.zeros_(self.fc2.weight)
+        torch.nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, base: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        return projected + self.fc2(torch.relu(self.fc1(base)))
+
+
 class Head(torch.nn.Module):
     """A pair of projections (image, text) into one space; outputs are L2-normalised.
 
@@ -117,7 +133,7 @@ class Head(torch.nn.Module):
         # projection, so documents already indexed stay valid and nothing is re-projected.
         self.query_adapters = torch.nn.ModuleDict()
         for modality in self.options.get("query_adapters", []):
-            self.query_adapters[modality] = Residual(dim_out, dim_out, int(self.options["adapter_hidden"]))
+            self.query_adapters[modality] = QueryAdapter(dim_in, dim_out, int(self.options["adapter_hidden"]))
         if kind == "pca":
             self.projections["shared"] = PCAProjection(dim_in, dim_out)
         elif kind == "shared":
@@ -144,7 +160,7 @@ class Head(torch.nn.Module):
         if modality in self.query_adapters:
             return
         self.options["adapter_hidden"] = int(self.options.get("adapter_hidden", hidden))
-        self.query_adapters[modality] = Residual(self.dim_out, self.dim_out, self.options["adapter_hidden"])
+        self.query_adapters[modality] = QueryAdapter(self.dim_in, self.dim_out, self.options["adapter_hidden"])
         self.options["query_adapters"] = sorted(self.query_adapters.keys())
 
     def without_query_adapters(self) -> "Head":
@@ -158,7 +174,7 @@ class Head(torch.nn.Module):
         projection = self.projection(modality)
         projected = torch.nn.functional.normalize(projection(x) if projection is not None else x, dim=-1)
         if query and modality in self.query_adapters:
-            projected = torch.nn.functional.normalize(self.query_adapters[modality](projected), dim=-1)
+            projected = torch.nn.functional.normalize(self.query_adapters[modality](x, projected), dim=-1)
         return projected
 
     def init_skip_from_pca(self, vectors: np.ndarray) -> None:

@@ -9,8 +9,8 @@ caption that describes it. Two styles share the same underlying scenes:
   captions in a clinical register with synonyms ("small round opacity, hyperdense,
   left upper zone"), for domain-adaptation experiments.
 
-A third phrasing, ``user`` ("tiny bright blob top left (dark image)"), exists for captions
-only: it is how simulated users word their queries in the feedback simulation.
+A third phrasing, ``user`` ("tiny red blob top left": terse, no background), exists for
+captions only: it is how simulated users word their queries in the feedback simulation.
 
 Nothing is random at run time: a world is a function of (n, seed, style).
 """
@@ -51,16 +51,14 @@ TARGET_POSITIONS = {
     "lower right": "right lower zone", "center": "central region",
 }
 TARGET_SIZES = {"small": "small", "large": "large"}
-# The third phrasing, reserved for the feedback simulation: how users word their queries
-# (plain, terse, other synonyms), never used to fit heads on the corpus.
+# The third phrasing, reserved for the feedback simulation: how users type queries. Terse,
+# plain colour words, other shape and position words, no background; never used to fit
+# heads on the corpus.
 USER_SHAPES = {"circle": "blob", "square": "box", "triangle": "wedge", "cross": "plus sign", "ring": "hoop",
                "diamond": "rhombus"}
-USER_COLOURS = {"red": "bright", "green": "mid-grey", "blue": "dark", "yellow": "chalky", "purple": "mottled",
-                "orange": "glowing", "white": "solid white", "cyan": "fluid-filled"}
 USER_POSITIONS = {"upper left": "top left", "upper right": "top right", "lower left": "bottom left",
                   "lower right": "bottom right", "center": "middle"}
 USER_SIZES = {"small": "tiny", "large": "big"}
-USER_BACKGROUNDS = {"gray": "normal contrast", "black": "dark image", "beige": "soft contrast", "navy": "bone contrast"}
 TARGET_BACKGROUNDS = {"gray": "standard window", "black": "dark field", "beige": "soft tissue window", "navy": "bone window"}
 STYLES = ("source", "target")
 PHRASINGS = ("source", "target", "user")  # captions only: "user" has no picture style of its own
@@ -103,8 +101,7 @@ def caption(scene: Scene, style: str = "source") -> str:
         return (f"{TARGET_SIZES[scene.size]} {TARGET_SHAPES[scene.shape]}, {TARGET_COLOURS[scene.colour]}, "
                 f"{TARGET_POSITIONS[scene.position]}, {TARGET_BACKGROUNDS[scene.background]}")
     if style == "user":
-        return (f"{USER_SIZES[scene.size]} {USER_COLOURS[scene.colour]} {USER_SHAPES[scene.shape]} "
-                f"{USER_POSITIONS[scene.position]} ({USER_BACKGROUNDS[scene.background]})")
+        return f"{USER_SIZES[scene.size]} {scene.colour} {USER_SHAPES[scene.shape]} {USER_POSITIONS[scene.position]}"
     raise ValueError(f"unknown phrasing {style!r}; choose one of {PHRASINGS}")
 
 
