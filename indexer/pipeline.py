@@ -210,7 +210,7 @@ def index_corpus(
         report.image_seconds = time.perf_counter() - image_started
 
     report.failed = catalog.failed(IMAGE)
-    changed = report.embedded[IMAGE] or report.embedded[TEXT] or report.items.get("changed")
+    changed = report.embedded[IMAGE] or report.embedded[TEXT] or report.items.get("changed") or report.pairs_added
     current = data.current_id()
     live = Snapshot(data.snapshots / current) if current else None
     if live is not None and not changed and live.manifest["head"]["kind"] == head.kind \

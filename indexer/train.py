@@ -37,11 +37,11 @@ class FitConfig:
     kind: str = DEFAULT_HEAD
     dim_out: int | None = None
     hidden: int = 512
-    epochs: int = 60
+    epochs: int = 200
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-2
-    patience: int = 6
+    patience: int = 15
     temperature: float = 0.07
     learn_temperature: bool = True
     pairwise_weight: float = 0.0  # label-aware pairwise loss (needs labels)
@@ -49,7 +49,7 @@ class FitConfig:
     supcon_weight: float = 0.0  # supervised contrastive loss (needs labels)
     supcon_temperature: float = 0.1
     min_pairs: int = MIN_PAIRS
-    max_seconds: float | None = None
+    max_seconds: float | None = 900.0
     seed: int = 0
 
     def __post_init__(self):

@@ -52,7 +52,9 @@ def _add_head_args(parser: argparse.ArgumentParser, *, default_kind: str = "mlp"
     parser.add_argument("--hidden", type=int, default=512, help="hidden width of mlp/shared heads (default 512)")
     parser.add_argument("--dim-out", type=int, default=None,
                         help="output size (default: the encoder's; pca: min(128, dim/2))")
-    parser.add_argument("--epochs", type=int, default=60, help="maximum epochs (default 60; early stopping on val)")
+    parser.add_argument("--epochs", type=int, default=200, help="maximum epochs (default 200; early stopping on val)")
+    parser.add_argument("--patience", type=int, default=15, help="epochs without a better val recall before stopping")
+    parser.add_argument("--max-fit-seconds", type=float, default=900.0, help="time cap of one fit (default 900)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     parser.add_argument("--fit-batch-size", type=int, default=256, help="pairs per training batch (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -65,6 +67,7 @@ def _fit_config(args):
     from xmodal.indexer.train import FitConfig
 
     return FitConfig(kind=args.head, hidden=args.hidden, dim_out=args.dim_out, epochs=args.epochs, lr=args.lr,
+                     patience=args.patience, max_seconds=args.max_fit_seconds,
                      batch_size=args.fit_batch_size, seed=args.seed, pairwise_weight=args.pairwise_weight,
                      supcon_weight=args.supcon_weight)
 

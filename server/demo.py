@@ -9,6 +9,7 @@ serves the adapted snapshot, and shows held-out queries answered zero-shot besid
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -60,8 +61,13 @@ def run_demo(*, data: str = "demo-data", port: int = 50051, once: bool = False, 
     adapted = SearchEngine(datadir.root, encoder)
     adapted.clean_debris()
     adapted.load_current()
-    zero_shot = SearchEngine(datadir.root, encoder)
-    zero_shot.load_snapshot(_zero_shot_snapshot(datadir, encoder.identity))
+    zero_shot = SearchEngine(datadir.root, encoder)  # in-process only, for the comparison column
+    quiet = logging.getLogger("xmodal.server")
+    level, quiet.level = quiet.level, logging.WARNING  # its swap is not the served one: don't log it as such
+    try:
+        zero_shot.load_snapshot(_zero_shot_snapshot(datadir, encoder.identity))
+    finally:
+        quiet.setLevel(level)
     try:
         server = Server(adapted, port=port).start()
     except (OSError, RuntimeError) as exc:
@@ -78,13 +84,13 @@ def run_demo(*, data: str = "demo-data", port: int = 50051, once: bool = False, 
             adapted_hits = client.search(text=query, k=HITS).hits
             zero_hits = zero_shot.search(text=query, k=HITS).hits
             print(f"held-out query: {query!r}")
-            print(f"  {'zero-shot':<44}  adapted ({adapted.snapshot.head.kind} head)")
+            print(f"  {'zero-shot':<58}  adapted ({adapted.snapshot.head.kind} head)")
             for zero, fit in zip(zero_hits, adapted_hits):
                 cells = []
                 for hit in (zero, fit):
                     mark = "=" if captions.get(hit.item_id) == query else " "
-                    cells.append(f"{hit.rank}. {hit.score:+.2f} {mark} {captions.get(hit.item_id, '')[:34]}")
-                print(f"  {cells[0]:<44}  {cells[1]}")
+                    cells.append(f"{hit.rank}. {hit.score:+.2f} {mark} {captions.get(hit.item_id, '')[:46]}")
+                print(f"  {cells[0]:<58}  {cells[1]}")
         image_id = held_out[0]
         result = client.search(image=client.get_items([image_id])[0].image, k=3)
         print(f"image -> text with the picture of {image_id} (caption: {captions[image_id]!r}):")

@@ -141,21 +141,30 @@ class SearchEngine:
         with self._swap_lock:
             if self._snapshot is not None and self._snapshot.id == snapshot_id:
                 return False
-            snapshot = Snapshot(self.data.snapshots / snapshot_id)
-            if snapshot.encoder != self.encoder.identity:
-                raise FailedPrecondition(
-                    f"snapshot {snapshot_id} was built with encoder {snapshot.encoder}, but this server runs "
-                    f"{self.encoder.identity}: start the server with the model the data directory was indexed with"
-                )
-            if snapshot.manifest["base_dim"] != self.encoder.dim:
-                raise FailedPrecondition(f"snapshot {snapshot_id} expects {snapshot.manifest['base_dim']}-d base "
-                                         f"vectors, the encoder makes {self.encoder.dim}-d")
+            snapshot = self.open_snapshot(snapshot_id)
             self._snapshot = snapshot  # the swap: one reference assignment
             log.info("live snapshot is now %s (%s head, %s)", snapshot.id, snapshot.head.kind,
                      snapshot.manifest["counts"])
         for listener in self._listeners:
             listener(snapshot)
         return True
+
+    def open_snapshot(self, snapshot_id: str) -> Snapshot:
+        """Load a snapshot and check that this engine can serve it (without swapping).
+
+        Raises:
+            NotFound: no such snapshot. FailedPrecondition: another encoder or dimension.
+        """
+        snapshot = Snapshot(self.data.snapshots / snapshot_id)
+        if snapshot.encoder != self.encoder.identity:
+            raise FailedPrecondition(
+                f"snapshot {snapshot_id} was built with encoder {snapshot.encoder}, but this server runs "
+                f"{self.encoder.identity}: start the server with the model the data directory was indexed with"
+            )
+        if snapshot.manifest["base_dim"] != self.encoder.dim:
+            raise FailedPrecondition(f"snapshot {snapshot_id} expects {snapshot.manifest['base_dim']}-d base "
+                                     f"vectors, the encoder makes {self.encoder.dim}-d")
+        return snapshot
 
     def watch(self, interval: float = 2.0) -> None:
         """Poll CURRENT in a background thread and swap when it changes."""

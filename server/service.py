@@ -141,13 +141,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         if request.snapshot_id not in data.snapshot_ids():
             raise NotFound(f"no snapshot {request.snapshot_id!r}; ListSnapshots shows the ones kept")
         previous = data.current_id()
-        self.engine.load_snapshot(request.snapshot_id)  # validates (encoder) before CURRENT moves
-        try:
-            data.set_current(request.snapshot_id)
-        except Exception:
-            if previous:
-                self.engine.load_snapshot(previous)
-            raise
+        self.engine.open_snapshot(request.snapshot_id)  # refuse what this server cannot serve, before CURRENT moves
+        # CURRENT first, then the swap: the snapshot watcher only ever loads what CURRENT names.
+        data.set_current(request.snapshot_id)
+        self.engine.load_current()
         log.info("rolled back to snapshot %s (was %s)", request.snapshot_id, previous)
         return pb.RollbackResponse(snapshot=snapshot_info(self.engine.snapshot.manifest))
 

@@ -18,8 +18,10 @@ def run(*args, timeout=300):
 def test_demo_once_runs_its_example_searches(tmp_path):
     done = run("demo", "--once", "--port", "0", "--n", "200", "--data", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("text -> image:") == 3 and "image -> text:" in done.stdout
-    assert "wrote snapshot" in done.stdout and "serving on 127.0.0.1:" in done.stdout
+    assert done.stdout.count("held-out query:") == 3 and "image -> text" in done.stdout
+    assert "zero-shot" in done.stdout and "adapted (mlp head)" in done.stdout
+    assert "held-out text->image recall@10: zero-shot" in done.stdout
+    assert "wrote snapshot" in done.stdout and "serving the adapted snapshot" in done.stdout
     again = run("demo", "--once", "--port", "0", "--n", "200", "--data", str(tmp_path / "demo"))
     assert again.returncode == 0 and "up to date: snapshot" in again.stdout  # a second run re-indexes nothing
 
