@@ -98,6 +98,12 @@ class Status:
     raw: object = field(repr=False, default=None)
 
 
+def _pem(value) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
 def _query(text, image, item_id) -> pb.Query:
     if len([v for v in (text, image, item_id) if v is not None]) != 1:
         raise InvalidArgument("pass exactly one of text=, image= or item_id=")
@@ -125,18 +131,28 @@ class SearchClient:
     Args:
         target: "host:port" of the server.
         timeout: default deadline per call, in seconds.
+        api_key: sent as ``authorization: Bearer <key>`` with every call.
+        tls: connect with TLS; ``ca_cert`` (PEM path or bytes) is the authority to trust
+            (default: the system's); ``client_cert``/``client_key`` for mutual TLS.
         channel: an existing grpc.Channel to use instead of opening one.
 
     Every method raises xmodal.client errors (InvalidArgument, NotFound,
     FailedPrecondition, ResourceExhausted, Unavailable, ...), never grpc.RpcError.
     """
 
-    def __init__(self, target: str, *, timeout: float = 30.0, channel: grpc.Channel | None = None):
+    def __init__(self, target: str, *, timeout: float = 30.0, api_key: str | None = None, tls: bool = False,
+                 ca_cert: str | Path | bytes | None = None, client_cert: str | Path | bytes | None = None,
+                 client_key: str | Path | bytes | None = None, channel: grpc.Channel | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                             ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        if channel is None and (tls or ca_cert or client_cert):
+            credentials = grpc.ssl_channel_credentials(root_certificates=_pem(ca_cert), private_key=_pem(client_key),
+                                                       certificate_chain=_pem(client_cert))
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel = channel or grpc.insecure_channel(target, options=options)
         self._search = pb_grpc.SearchServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._admin = pb_grpc.AdminServiceStub(self._channel)
@@ -166,7 +182,7 @@ class SearchClient:
             raise InvalidArgument(f"target must be 'image', 'text' or None, got {target!r}")
         request = pb.SearchRequest(query=_query(text, image, item_id), target=_MODALITY_VALUES[target], k=k)
         with map_errors(self.target):
-            response = self._search.Search(request, timeout=timeout or self.timeout)
+            response = self._search.Search(request, timeout=timeout or self.timeout, metadata=self._metadata)
         timing = {name: getattr(response.timing, name) for name in ("encode_ms", "head_ms", "search_ms", "total_ms")}
         return SearchResult(
             hits=[Hit(h.item_id, h.score, _MODALITY_NAMES[h.modality], h.text, h.source,
@@ -181,13 +197,13 @@ class SearchClient:
             item_ids = [item_ids]
         with map_errors(self.target):
             response = self._search.GetItems(pb.GetItemsRequest(item_ids=list(item_ids), metadata_only=metadata_only),
-                                             timeout=timeout or self.timeout)
+                                             timeout=timeout or self.timeout, metadata=self._metadata)
         return [Item(i.item_id, _MODALITY_NAMES[i.modality], i.text, i.image, i.source,
                      json.loads(i.metadata_json or "{}"), i.content_hash) for i in response.items]
 
     def status(self, *, timeout: float | None = None) -> Status:
         with map_errors(self.target):
-            r = self._search.GetStatus(pb.GetStatusRequest(), timeout=timeout or self.timeout)
+            r = self._search.GetStatus(pb.GetStatusRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
         return Status(
             serving=r.serving, snapshot_id=r.snapshot.snapshot_id, encoder=r.snapshot.encoder,
             head_kind=r.snapshot.head_kind,
@@ -212,12 +228,12 @@ class SearchClient:
         request = pb.SubmitFeedbackRequest(query=_query(text, image, item_id), relevant_ids=list(relevant),
                                            irrelevant_ids=list(irrelevant), weight=weight, source=source)
         with map_errors(self.target):
-            return self._search.SubmitFeedback(request, timeout=timeout or self.timeout).feedback_id
+            return self._search.SubmitFeedback(request, timeout=timeout or self.timeout, metadata=self._metadata).feedback_id
 
     def refit(self, mode: str = "", *, timeout: float | None = None) -> str:
         """Start a refit now ("query", "full", "auto" or "" for the server's mode); returns its run id."""
         with map_errors(self.target):
-            return self._admin.Refit(pb.RefitRequest(mode=mode), timeout=timeout or self.timeout).run_id
+            return self._admin.Refit(pb.RefitRequest(mode=mode), timeout=timeout or self.timeout, metadata=self._metadata).run_id
 
     def wait_for_refit(self, run_id: str, timeout: float = 600.0) -> RefitRun:
         """Poll GetStatus until the run is no longer running; returns its record."""
@@ -232,12 +248,12 @@ class SearchClient:
 
     def list_snapshots(self, *, timeout: float | None = None) -> list[SnapshotInfo]:
         with map_errors(self.target):
-            r = self._admin.ListSnapshots(pb.ListSnapshotsRequest(), timeout=timeout or self.timeout)
+            r = self._admin.ListSnapshots(pb.ListSnapshotsRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
         return [_snapshot(s, r.live_id) for s in r.snapshots]
 
     def rollback(self, snapshot_id: str, *, timeout: float | None = None) -> SnapshotInfo:
         with map_errors(self.target):
-            r = self._admin.Rollback(pb.RollbackRequest(snapshot_id=snapshot_id), timeout=timeout or self.timeout)
+            r = self._admin.Rollback(pb.RollbackRequest(snapshot_id=snapshot_id), timeout=timeout or self.timeout, metadata=self._metadata)
         return _snapshot(r.snapshot, r.snapshot.snapshot_id)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:

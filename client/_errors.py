@@ -71,6 +71,9 @@ def map_errors(target: str):
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
         if code == grpc.StatusCode.UNAVAILABLE:
-            details = f"xmodal server at {target} is unavailable ({details})"
+            hint = ""
+            if any(word in details.lower() for word in ("ssl", "handshake", "certificate", "tls", "socket closed")):
+                hint = "; if the server uses TLS, connect with tls=True and the CA that signed its certificate (ca_cert=)"
+            details = f"xmodal server at {target} is unavailable ({details}){hint}"
         cls = _BY_CODE.get(code.name, ServerError)
         raise cls(details, code.name) from None

@@ -36,7 +36,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     if not data:
         raise InvalidImage("image bytes are empty: send the encoded file (JPEG, PNG, ...)")
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        # PIL refuses at open() past twice its own limit, before our check can run
+        raise ResourceExhausted(f"image refused before decoding: {exc}; the limit is {max_pixels:,} pixels") from None
     except UnidentifiedImageError:
         raise InvalidImage(
             f"{len(data)} bytes that are not a recognised image format: send JPEG, PNG, TIFF, BMP, GIF or WebP"

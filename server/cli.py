@@ -14,6 +14,22 @@ from pathlib import Path
 DEFAULT_PORT = 50051
 
 
+def _add_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=os.environ.get("XMODAL_API_KEY"),
+                        help="API key (default: $XMODAL_API_KEY), sent as 'authorization: Bearer KEY'")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--ca-cert", default=None, help="PEM of the authority that signed the server's certificate")
+    parser.add_argument("--client-cert", default=None, help="client certificate PEM (mutual TLS)")
+    parser.add_argument("--client-key", default=None, help="client key PEM (mutual TLS)")
+
+
+def _client(args, server: str):
+    from xmodal.client import SearchClient
+
+    return SearchClient(server, timeout=args.timeout, api_key=args.api_key, tls=args.tls, ca_cert=args.ca_cert,
+                        client_cert=args.client_cert, client_key=args.client_key)
+
+
 def _add_model_args(parser: argparse.ArgumentParser, *, default_from_data: bool = False) -> None:
     from_data = " (default: the model the data directory was indexed with)" if default_from_data else ""
     parser.add_argument("--model", default=None,
@@ -162,9 +178,24 @@ def cmd_serve(args) -> int:
         log.warning("no snapshot in %s yet: health is NOT_SERVING and searches fail with FAILED_PRECONDITION "
                     "until one is indexed (picked up without a restart)", engine.data.root)
     engine.watch(args.watch_interval)
-    server = Server(engine, host=args.host, port=args.port, max_workers=args.rpc_workers, refitter=refitter).start()
+    from xmodal.server.auth import KeyRing
+    from xmodal.server.service import TLSConfig
+
+    keys = KeyRing.load(args.api_keys)
+    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert or args.tls_key else None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("xmodal serve: --tls-cert and --tls-key go together")
+    server = Server(engine, host=args.host, port=args.port, max_workers=args.rpc_workers, refitter=refitter,
+                    keys=keys if len(keys) else None, tls=tls, allow_unauthenticated=args.allow_unauthenticated,
+                    max_concurrent=args.max_concurrent).start()
+    if args.metrics_port is not None:
+        from xmodal.server import metrics
+
+        metrics.serve(args.metrics_port, host=args.metrics_host)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
     refitter.schedule()
-    log.info("serving %s on %s (encoder %s)", engine.data.root, server.address, engine.encoder.identity)
+    log.info("serving %s on %s%s (encoder %s, %d API key(s))", engine.data.root, server.address,
+             " with TLS" if tls else "", engine.encoder.identity, len(keys))
     if args.port_file:
         tmp = Path(args.port_file).with_suffix(".tmp")
         tmp.write_text(str(server.port))
@@ -195,26 +226,20 @@ def _print_hits(result, as_json: bool) -> None:
 
 
 def cmd_search(args) -> int:
-    from xmodal.client import SearchClient
-
-    with SearchClient(args.server, timeout=args.timeout) as client:
+    with _client(args, args.server) as client:
         result = client.search(text=args.text, image=args.image, item_id=args.item, target=args.target, k=args.k)
     _print_hits(result, args.json)
     return 0
 
 
 def cmd_status(args) -> int:
-    from xmodal.client import SearchClient
-
-    with SearchClient(args.server, timeout=args.timeout) as client:
+    with _client(args, args.server) as client:
         status = client.status()
     print(json.dumps({k: v for k, v in vars(status).items() if k != "raw"}, indent=2))
     return 0
 
 
 def cmd_feedback(args) -> int:
-    from xmodal.client import SearchClient
-
     if args.file:
         events = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
     else:
@@ -222,7 +247,7 @@ def cmd_feedback(args) -> int:
             raise SystemExit("xmodal feedback: give --relevant ID (with --text/--image/--item), or --file FILE.jsonl")
         events = [{"text": args.text, "image": args.image, "item_id": args.item, "relevant": args.relevant,
                    "irrelevant": args.irrelevant or [], "weight": args.weight, "source": args.source}]
-    with SearchClient(args.server, timeout=args.timeout) as client:
+    with _client(args, args.server) as client:
         for n, event in enumerate(events, start=1):
             unknown = set(event) - {"text", "image", "item_id", "relevant", "irrelevant", "weight", "source"}
             if unknown:
@@ -250,9 +275,7 @@ def cmd_refit(args) -> int:
         print(json.dumps({k: row[k] for k in ("id", "mode", "state", "snapshot_id", "message")}, indent=2))
         print(f"before: {row['before']}\nafter:  {row['after']}")
         return 0 if row["state"] in ("promoted", "rejected") else 1
-    from xmodal.client import SearchClient
-
-    with SearchClient(args.server or f"127.0.0.1:{DEFAULT_PORT}", timeout=args.timeout) as client:
+    with _client(args, args.server or f"127.0.0.1:{DEFAULT_PORT}") as client:
         run_id = client.refit(args.mode)
         print(f"started {run_id}")
         if args.wait:
@@ -276,15 +299,22 @@ def cmd_snapshots(args) -> int:
             mark = "*" if snapshot_id == current else " "
             print(f"{mark} {snapshot_id}  {manifest['head']['kind']:8s} parent {manifest.get('parent_id') or '-'}")
         return 0
-    from xmodal.client import SearchClient
-
-    with SearchClient(args.server, timeout=args.timeout) as client:
+    with _client(args, args.server) as client:
         if args.rollback:
             info = client.rollback(args.rollback)
             print(f"live snapshot is now {info.snapshot_id} ({info.head_kind})")
             return 0
         for info in client.list_snapshots():
             print(f"{'*' if info.live else ' '} {info.snapshot_id}  {info.head_kind:8s} parent {info.parent_id or '-'}")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from xmodal.server.auth import add_key
+
+    key = add_key(args.file, args.name, args.role)
+    print(key)
+    print(f"(stored only as a sha256 hash in {args.file}; this is the one time the key is shown)", file=sys.stderr)
     return 0
 
 
@@ -349,7 +379,25 @@ def make_parser() -> argparse.ArgumentParser:
                    help="refit every N seconds when there is new feedback (default: off)")
     p.add_argument("--refit-after", type=int, default=None, help="refit after M new feedback events (default: off)")
     _add_refit_args(p)
+    p.add_argument("--api-keys", default=None, help="JSON file of hashed API keys (see `xmodal keys add`); "
+                   "XMODAL_API_KEYS='role:key,...' adds more")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="allow binding a non-loopback address without API keys")
+    p.add_argument("--tls-cert", default=None, help="server certificate PEM (enables TLS)")
+    p.add_argument("--tls-key", default=None, help="server private key PEM")
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)")
+    p.add_argument("--max-concurrent", type=int, default=64,
+                   help="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="create an API key (its hash goes into the key file; the key is printed once)")
+    p.add_argument("action", choices=["add"])
+    p.add_argument("--file", required=True, help="key file (JSON, created if missing, mode 600)")
+    p.add_argument("--name", required=True, help="who the key is for")
+    p.add_argument("--role", required=True, choices=["search", "feedback", "admin"])
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("feedback", help="send feedback: a query and the items that answer it (one, or a JSONL file)")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")
@@ -363,6 +411,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--source", default="cli", help="tag of where the feedback came from")
     p.add_argument("--timeout", type=float, default=30.0)
+    _add_client_args(p)
     p.set_defaults(func=cmd_feedback)
 
     p = sub.add_parser("refit", help="ask a running server to refit now, or refit a data directory offline")
@@ -371,6 +420,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="", choices=["", "auto", "query", "full"], help="refit mode (default: the policy's)")
     p.add_argument("--wait", action="store_true", help="wait for the run to finish and print it")
     p.add_argument("--timeout", type=float, default=30.0)
+    _add_client_args(p)
     p.add_argument("--timeout-refit", type=float, default=1800.0, help="seconds --wait waits (default 1800)")
     _add_model_args(p, default_from_data=True)
     _add_refit_args(p)
@@ -381,6 +431,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="work on a data directory instead of a server")
     p.add_argument("--rollback", default=None, metavar="ID", help="make this snapshot live")
     p.add_argument("--timeout", type=float, default=30.0)
+    _add_client_args(p)
     p.set_defaults(func=cmd_snapshots)
 
     p = sub.add_parser("search", help="query a running server and print hits")
@@ -393,11 +444,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    _add_client_args(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("status", help="print a running server's status")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="host:port")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    _add_client_args(p)
     p.set_defaults(func=cmd_status)
     return parser
 

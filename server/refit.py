@@ -35,6 +35,7 @@ from xmodal.indexer.snapshot import prune_snapshots, write_snapshot
 from xmodal.indexer.train import (FitConfig, PairSet, fit_head, fit_query_adapter, pairs_from_catalog,
                                   validation_recall)
 
+from . import metrics
 from .engine import SearchEngine
 
 log = logging.getLogger("xmodal.server")
@@ -191,6 +192,8 @@ class Refitter:
                 self._running = None
                 self.progress = ""
         self.engine.catalog.finish_run(run_id, **outcome)
+        metrics.REFITS.labels(outcome["mode"], outcome["state"]).inc()
+        metrics.REFIT_SECONDS.observe(time.perf_counter() - started)
         log.info("refit %s %s in %.1f s (%s)", run_id, outcome["state"], time.perf_counter() - started,
                  outcome.get("message", ""))
 

@@ -7,6 +7,7 @@ import logging
 import time
 from concurrent import futures
 from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,8 @@ from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, NotFound
 from xmodal.v1 import xmodal_pb2 as pb
 from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
 
+from . import metrics
+from .auth import AuthInterceptor, KeyRing
 from .engine import SearchEngine
 from .errors import rpc
 from .refit import Refitter
@@ -111,6 +114,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         feedback_id = self.engine.submit_feedback(
             **_query_kwargs(request.query), relevant=list(request.relevant_ids),
             irrelevant=list(request.irrelevant_ids), weight=request.weight, source=request.source)
+        metrics.FEEDBACK.inc()
         return pb.SubmitFeedbackResponse(feedback_id=feedback_id)
 
 
@@ -149,15 +153,54 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         return pb.RollbackResponse(snapshot=snapshot_info(self.engine.snapshot.manifest))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class TLSConfig:
+    """Server certificate and key (PEM files); with ``client_ca``, clients must present a
+    certificate signed by it (mutual TLS)."""
+
+    def __init__(self, cert: str | Path, key: str | Path, client_ca: str | Path | None = None):
+        try:
+            self.cert = Path(cert).read_bytes()
+            self.key = Path(key).read_bytes()
+            self.client_ca = Path(client_ca).read_bytes() if client_ca else None
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read TLS file: {exc}") from None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
+                                           require_client_auth=self.client_ca is not None)
+
+
 class Server:
-    """A running gRPC server: SearchService, health and reflection on one port."""
+    """A running gRPC server: SearchService, AdminService, health and reflection on one port.
+
+    Args:
+        keys: API keys and roles; without any, the server only binds a loopback address
+            unless ``allow_unauthenticated`` is set.
+        tls: serve TLS instead of plaintext.
+        max_concurrent: RPCs handled at once; more get RESOURCE_EXHAUSTED at once.
+    """
 
     def __init__(self, engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
-                 refitter: Refitter | None = None):
+                 refitter: Refitter | None = None, keys: KeyRing | None = None, tls: TLSConfig | None = None,
+                 allow_unauthenticated: bool = False, max_concurrent: int | None = 64):
         self.engine = engine
         self.refitter = refitter or Refitter(engine)
+        if not keys and host not in LOOPBACK:
+            if not allow_unauthenticated:
+                raise InvalidArgument(f"refusing to bind {host} without API keys: configure --api-keys (or "
+                                      f"XMODAL_API_KEYS), bind 127.0.0.1, or pass --allow-unauthenticated")
+            log.warning("serving %s WITHOUT authentication: anyone who can reach it can search, send feedback "
+                        "and refit", host)
+        elif not keys:
+            log.info("no API keys configured: serving without authentication on loopback %s only", host)
+        interceptors = [AuthInterceptor(keys)] if keys else []
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="xmodal-rpc"),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=max_concurrent,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
@@ -170,7 +213,8 @@ class Server:
             self.grpc_server,
         )
         address = f"{host}:{port}"
-        self.port = self.grpc_server.add_insecure_port(address)
+        self.port = (self.grpc_server.add_secure_port(address, tls.credentials()) if tls
+                     else self.grpc_server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"could not bind {address}: is the port in use?")
         self.host = host
@@ -181,6 +225,8 @@ class Server:
         return f"{self.host}:{self.port}"
 
     def _set_health(self, snapshot) -> None:
+        for modality, index in (snapshot.indexes.items() if snapshot else ()):
+            metrics.INDEX_SIZE.labels(modality).set(len(index))
         state = health_pb2.HealthCheckResponse.SERVING if snapshot else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SEARCH_SERVICE):
             self.health.set(service, state)

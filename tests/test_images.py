@@ -67,3 +67,12 @@ def test_pixel_limit_is_checked_before_decoding():
     big = encode(Image.new("L", (3000, 3000)))
     with pytest.raises(ResourceExhausted, match="9,000,000 pixels"):
         decode_image(big, max_pixels=1_000_000)
+
+
+def test_huge_declared_size_is_refused_not_crashed():
+    """A 30000x30000 header made PIL raise DecompressionBombError from open(), which
+    escaped as an internal error (found by the fuzz test)."""
+    from test_fuzz import png_declaring
+
+    with pytest.raises(ResourceExhausted, match="pixels"):
+        decode_image(png_declaring(30000, 30000))
