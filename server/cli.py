@@ -309,6 +309,15 @@ def cmd_snapshots(args) -> int:
     return 0
 
 
+def cmd_backup(args) -> int:
+    from xmodal.indexer.backup import backup
+
+    result = backup(args.data, args.out)
+    print(f"backed up {args.data} to {args.out}: catalog, {result['shards']} base shards, "
+          f"{result['snapshots']} snapshots (live: {result['current']})")
+    return 0
+
+
 def cmd_keys(args) -> int:
     from xmodal.server.auth import add_key
 
@@ -391,6 +400,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=64,
                    help="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("backup", help="consistent copy of a data directory, safe while a server runs")
+    p.add_argument("--data", required=True, help="data directory")
+    p.add_argument("--out", required=True, help="new folder for the copy (restore: use it as --data)")
+    p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("keys", help="create an API key (its hash goes into the key file; the key is printed once)")
     p.add_argument("action", choices=["add"])

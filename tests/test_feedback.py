@@ -263,3 +263,28 @@ def test_kill_9_during_a_refit_keeps_acknowledged_feedback_and_the_previous_snap
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_backup_while_serving_and_a_restored_copy_serves_the_same_results(served, world_corpus, encoder, tmp_path):
+    data, start = served
+    server = start(mode="query", epochs=30)
+    send_user_feedback(server, world_corpus, 80)
+    assert refit_and_wait(server, "query").state == "promoted"
+    done = subprocess.run(xmodal_cmd("backup", "--data", str(data), "--out", str(tmp_path / "backup")),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    restored = tmp_path / "restored"
+    shutil.copytree(tmp_path / "backup", restored)  # restore = put the copy in place
+    copy = RunningServer(restored, encoder)
+    try:
+        assert copy.engine.snapshot.id == server.engine.snapshot.id
+        assert copy.client.status().feedback_total == server.client.status().feedback_total == 80
+        for query in ("tiny red blob top left", "a large blue square in the center on a gray background"):
+            ours = [(h.item_id, round(h.score, 5)) for h in server.client.search(text=query, k=10)]
+            theirs = [(h.item_id, round(h.score, 5)) for h in copy.client.search(text=query, k=10)]
+            assert ours == theirs
+    finally:
+        copy.stop()
+    again = subprocess.run(xmodal_cmd("backup", "--data", str(data), "--out", str(tmp_path / "backup")),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -1,0 +1,56 @@
+"""Online backup of a data directory: a consistent copy while a server keeps writing.
+
+Order matters: the catalog is copied first with SQLite's backup API (one consistent
+state), then the append-only base shards (every shard that state refers to existed before
+it was committed), then CURRENT and the immutable snapshot folders. A shard written after
+the catalog copy is unreferenced in the backup and is removed as debris on first use.
+Restoring is copying the backup folder into place as the data directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+from .errors import FailedPrecondition, InvalidArgument
+from .snapshot import DataDir
+
+
+def backup(data_dir: str | Path, out: str | Path) -> dict:
+    """Copy a (possibly live) data directory to ``out``, which must not exist yet.
+
+    Returns:
+        {"catalog": path, "shards": n, "snapshots": n, "current": id}
+    """
+    data = DataDir(data_dir)
+    out = Path(out).expanduser().resolve()
+    if not data.catalog_path.exists():
+        raise FailedPrecondition(f"{data.root} has no catalog.sqlite: not a data directory")
+    if out.exists():
+        raise InvalidArgument(f"backup target {out} already exists: pass a new folder")
+    out.mkdir(parents=True)
+    source = sqlite3.connect(f"file:{data.catalog_path}?mode=ro", uri=True, timeout=30)
+    target = sqlite3.connect(out / "catalog.sqlite")
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    shards = 0
+    if data.base.is_dir():
+        for path in data.base.rglob("shard-*.npy"):
+            destination = out / "base" / path.relative_to(data.base)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, destination)
+            shards += 1
+    current = data.current_id()
+    copied = 0
+    for snapshot_id in data.snapshot_ids():
+        shutil.copytree(data.snapshots / snapshot_id, out / "snapshots" / snapshot_id)
+        copied += 1
+    if current:
+        if not (out / "snapshots" / current).is_dir():
+            raise FailedPrecondition(f"the live snapshot {current} vanished during the backup: run it again")
+        DataDir(out).set_current(current)
+    return {"catalog": str(out / "catalog.sqlite"), "shards": shards, "snapshots": copied, "current": current}
