@@ -9,6 +9,7 @@ the live one.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import secrets
@@ -79,14 +80,44 @@ class DataDir:
                       if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").is_file())
 
     def clean(self) -> list[Path]:
-        """Remove debris of unfinished snapshot writes (temporary folders and files)."""
+        """Remove debris of unfinished snapshot writes (temporary folders and files).
+
+        A snapshot being written right now by another live process is left alone: its
+        writer holds an flock on ``.tmp-<id>.lock``, which the kernel releases when the
+        writer dies, even by SIGKILL.
+        """
         removed = []
-        if self.snapshots.is_dir():
-            for path in self.snapshots.iterdir():
-                if path.name.startswith(".tmp-") or path.name.endswith(".tmp"):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                    removed.append(path)
+        if not self.snapshots.is_dir():
+            return removed
+        for path in sorted(self.snapshots.iterdir()):
+            if path.name.startswith(".tmp-") and path.is_dir():
+                lock = path.with_name(path.name + ".lock")
+                if lock.exists() and _locked(lock):
+                    continue  # a live writer
+                shutil.rmtree(path, ignore_errors=True)
+                lock.unlink(missing_ok=True)
+                removed.append(path)
+            elif path.name.endswith(".lock") and path.name.startswith(".tmp-"):
+                if not path.with_name(path.name[:-5]).exists() and not _locked(path):
+                    path.unlink(missing_ok=True)
+            elif path.name.endswith(".tmp") and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
         return removed
+
+
+def _locked(path: Path) -> bool:
+    """True if another process holds an flock on ``path``."""
+    try:
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
 
 
 def new_snapshot_id() -> str:
@@ -130,6 +161,21 @@ def write_snapshot(
     snapshot_id = new_snapshot_id()
     data.snapshots.mkdir(parents=True, exist_ok=True)
     tmp = data.snapshots / f".tmp-{snapshot_id}"
+    lock_path = data.snapshots / f".tmp-{snapshot_id}.lock"
+    lock = open(lock_path, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # tells DataDir.clean in other processes this write is alive
+    try:
+        return _write_snapshot(data, catalog, store, head, tmp, snapshot_id, encoder=encoder, factory=factory,
+                               parent_id=parent_id, metrics=metrics, make_current=make_current,
+                               reuse_indexes_from=reuse_indexes_from)
+    finally:
+        lock.close()
+        lock_path.unlink(missing_ok=True)
+
+
+def _write_snapshot(data: DataDir, catalog: Catalog, store: BaseStore, head: Head, tmp: Path, snapshot_id: str, *,
+                    encoder: str, factory: str, parent_id: str | None, metrics: dict | None, make_current: bool,
+                    reuse_indexes_from: str | None) -> dict:
     tmp.mkdir()
     head_hash = head.save(tmp)
     counts = {}

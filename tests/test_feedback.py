@@ -192,7 +192,7 @@ def test_rollback_on_a_running_server_survives_a_restart(served, world_corpus, e
     data, start = served
     server = start(mode="query", epochs=60)
     first = server.engine.snapshot.id
-    send_user_feedback(server, world_corpus, 60)
+    send_user_feedback(server, world_corpus, 150)
     run = refit_and_wait(server, "query")
     assert run.state == "promoted"
     listed = server.client.list_snapshots()
@@ -267,9 +267,11 @@ def test_kill_9_during_a_refit_keeps_acknowledged_feedback_and_the_previous_snap
 
 def test_backup_while_serving_and_a_restored_copy_serves_the_same_results(served, world_corpus, encoder, tmp_path):
     data, start = served
-    server = start(mode="query", epochs=30)
-    send_user_feedback(server, world_corpus, 80)
-    assert refit_and_wait(server, "query").state == "promoted"
+    server = start(mode="query", epochs=60)
+    send_user_feedback(server, world_corpus, 150)
+    # promoted or (by the luck of the held-out slice) rejected: either way a run and its
+    # snapshot history are there to back up
+    assert refit_and_wait(server, "query").state in ("promoted", "rejected")
     done = subprocess.run(xmodal_cmd("backup", "--data", str(data), "--out", str(tmp_path / "backup")),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -278,7 +280,7 @@ def test_backup_while_serving_and_a_restored_copy_serves_the_same_results(served
     copy = RunningServer(restored, encoder)
     try:
         assert copy.engine.snapshot.id == server.engine.snapshot.id
-        assert copy.client.status().feedback_total == server.client.status().feedback_total == 80
+        assert copy.client.status().feedback_total == server.client.status().feedback_total == 150
         for query in ("tiny red blob top left", "a large blue square in the center on a gray background"):
             ours = [(h.item_id, round(h.score, 5)) for h in server.client.search(text=query, k=10)]
             theirs = [(h.item_id, round(h.score, 5)) for h in copy.client.search(text=query, k=10)]

@@ -99,3 +99,31 @@ def test_other_encoder_is_refused(world_corpus, encoder, indexed):
     other = load_encoder("xmodal-demo", "none")  # same architecture, random weights: another encoder
     with pytest.raises(FailedPrecondition, match="built with encoder"):
         index_corpus(world_corpus, indexed, other, progress=False)
+
+
+def test_clean_spares_a_snapshot_another_process_is_writing(tmp_path):
+    """Debris is removed only when its writer is gone (its flock released)."""
+    import fcntl
+
+    data = DataDir(tmp_path)
+    data.snapshots.mkdir(parents=True)
+    live_dir, dead_dir = data.snapshots / ".tmp-live", data.snapshots / ".tmp-dead"
+    live_dir.mkdir()
+    dead_dir.mkdir()
+    (data.snapshots / ".tmp-dead.lock").write_text("")  # its writer died: nobody holds it
+    code = ("import fcntl, sys, time\n"
+            f"h = open({str(data.snapshots / '.tmp-live.lock')!r}, 'w')\n"
+            "fcntl.flock(h, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n")
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        removed = data.clean()
+        assert dead_dir in removed and not dead_dir.exists() and not (data.snapshots / ".tmp-dead.lock").exists()
+        assert live_dir.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert live_dir in data.clean()  # once the writer is gone, it is debris
