@@ -133,13 +133,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def build_engine(data: str, model: str, pretrained: str | None, threads: int | None, max_k: int,
+def build_engine(data: str, model: str, pretrained: str | None, threads: int | None, limits=None,
                  allow_pickle: bool = False):
     from xmodal.indexer.encoder import load_encoder
     from xmodal.server.engine import Limits, SearchEngine
 
     encoder = load_encoder(model, pretrained, threads=threads, allow_pickle=allow_pickle)
-    engine = SearchEngine(data, encoder, limits=Limits(max_k=max_k))
+    engine = SearchEngine(data, encoder, limits=limits or Limits())
     engine.clean_debris()
     engine.load_current()
     return engine
@@ -172,7 +172,12 @@ def cmd_serve(args) -> int:
 
     log = logging.getLogger("xmodal.server")
     model, pretrained = _model_args(args, Path(args.data))
-    engine = build_engine(args.data, model, pretrained, args.threads, args.max_k, args.allow_pickle)
+    from xmodal.server.engine import Limits
+
+    limits = Limits(max_k=args.max_k, max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
+                    max_text_chars=args.max_text_chars, max_items_per_request=args.max_items,
+                    max_feedback_ids=args.max_feedback_ids)
+    engine = build_engine(args.data, model, pretrained, args.threads, limits, args.allow_pickle)
     refitter = Refitter(engine, _policy(args))
     if engine.snapshot is None:
         log.warning("no snapshot in %s yet: health is NOT_SERVING and searches fail with FAILED_PRECONDITION "
@@ -187,7 +192,7 @@ def cmd_serve(args) -> int:
         raise SystemExit("xmodal serve: --tls-cert and --tls-key go together")
     server = Server(engine, host=args.host, port=args.port, max_workers=args.rpc_workers, refitter=refitter,
                     keys=keys if len(keys) else None, tls=tls, allow_unauthenticated=args.allow_unauthenticated,
-                    max_concurrent=args.max_concurrent).start()
+                    max_concurrent=args.max_concurrent, max_message_bytes=args.max_message_bytes).start()
     if args.metrics_port is not None:
         from xmodal.server import metrics
 
@@ -267,7 +272,7 @@ def cmd_refit(args) -> int:
         from xmodal.server.refit import Refitter
 
         model, pretrained = _model_args(args, Path(args.data))
-        engine = build_engine(args.data, model, pretrained, args.threads, 1000, args.allow_pickle)
+        engine = build_engine(args.data, model, pretrained, args.threads, None, args.allow_pickle)
         refitter = Refitter(engine, _policy(args))
         run_id = refitter.start(args.mode or None)
         refitter.wait()
@@ -381,6 +386,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", default=None, help="write the bound port to this file once serving")
     _add_model_args(p, default_from_data=True)
     p.add_argument("--max-k", type=int, default=1000, help="largest k a search may ask for (default 1000)")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest query image (default 20 MiB)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000,
+                   help="largest declared width x height, checked before decoding (default 50,000,000)")
+    p.add_argument("--max-text-chars", type=int, default=10_000, help="longest query text (default 10,000 characters)")
+    p.add_argument("--max-items", type=int, default=100, help="ids per GetItems call (default 100)")
+    p.add_argument("--max-feedback-ids", type=int, default=100, help="item ids per feedback event (default 100)")
+    p.add_argument("--max-message-bytes", type=int, default=32 * 1024 * 1024,
+                   help="largest gRPC request (default 32 MiB; larger gets RESOURCE_EXHAUSTED)")
     p.add_argument("--rpc-workers", type=int, default=8, help="gRPC worker threads (default 8)")
     p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between checks of snapshots/CURRENT")
     p.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get on SIGTERM (default 5)")

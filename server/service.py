@@ -185,7 +185,8 @@ class Server:
 
     def __init__(self, engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
                  refitter: Refitter | None = None, keys: KeyRing | None = None, tls: TLSConfig | None = None,
-                 allow_unauthenticated: bool = False, max_concurrent: int | None = 64):
+                 allow_unauthenticated: bool = False, max_concurrent: int | None = 64,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.engine = engine
         self.refitter = refitter or Refitter(engine)
         if not keys and host not in LOOPBACK:
@@ -201,8 +202,8 @@ class Server:
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="xmodal-rpc"),
             interceptors=interceptors,
             maximum_concurrent_rpcs=max_concurrent,
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max(max_message_bytes, MAX_MESSAGE_BYTES))],
         )
         pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(engine, self.refitter), self.grpc_server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine, self.refitter), self.grpc_server)

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import xmodal_cmd
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -46,3 +48,31 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path):
     assert done.returncode == 2 and "unavailable" in done.stderr
     done = run("index", str(tmp_path), "--data", str(tmp_path / "d"), "--model", "ViT-Q-99")
     assert done.returncode == 2 and "unknown open_clip model" in done.stderr
+
+
+def test_serve_limits_are_configurable(indexed, tmp_path):
+    import time
+
+    from xmodal import client as xc
+
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(xmodal_cmd("serve", "--data", str(indexed), "--port", "0", "--port-file", str(port_file),
+                                       "--max-text-chars", "20", "--max-k", "5", "--max-message-bytes", "100000"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=OFFLINE)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with xc.SearchClient(f"127.0.0.1:{port_file.read_text()}") as client:
+            client.wait_until_serving(60)
+            with pytest.raises(xc.ResourceExhausted, match="limit of 20"):
+                client.search(text="x" * 21, k=3)
+            with pytest.raises(xc.InvalidArgument, match="between 1 and 5"):
+                client.search(text="red", k=6)
+            with pytest.raises(xc.ResourceExhausted):
+                client.search(image=bytes(200_000), k=3)
+            assert client.status().max_k == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
