@@ -41,6 +41,12 @@ class ResourceExhausted(XmodalError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(XmodalError):
+    """The request ran past its deadline (the client's, or the server's own cap)."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class CorpusError(XmodalError):
     """A corpus that cannot be read: missing files, bad JSON, missing fields."""
 

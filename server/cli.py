@@ -176,7 +176,7 @@ def cmd_serve(args) -> int:
 
     limits = Limits(max_k=args.max_k, max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
                     max_text_chars=args.max_text_chars, max_items_per_request=args.max_items,
-                    max_feedback_ids=args.max_feedback_ids)
+                    max_feedback_ids=args.max_feedback_ids, deadline_s=args.deadline)
     engine = build_engine(args.data, model, pretrained, args.threads, limits, args.allow_pickle)
     refitter = Refitter(engine, _policy(args))
     if engine.snapshot is None:
@@ -392,6 +392,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-chars", type=int, default=10_000, help="longest query text (default 10,000 characters)")
     p.add_argument("--max-items", type=int, default=100, help="ids per GetItems call (default 100)")
     p.add_argument("--max-feedback-ids", type=int, default=100, help="item ids per feedback event (default 100)")
+    p.add_argument("--deadline", type=int, default=30,
+                   help="server-side cap in seconds on one search, besides the client's own deadline (default 30)")
     p.add_argument("--max-message-bytes", type=int, default=32 * 1024 * 1024,
                    help="largest gRPC request (default 32 MiB; larger gets RESOURCE_EXHAUSTED)")
     p.add_argument("--rpc-workers", type=int, default=8, help="gRPC worker threads (default 8)")

@@ -24,7 +24,7 @@ import numpy as np
 from xmodal.indexer.catalog import Catalog
 from xmodal.indexer.corpus import IMAGE, MODALITIES, TEXT
 from xmodal.indexer.encoder import Encoder
-from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from xmodal.indexer.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from xmodal.indexer.images import DEFAULT_MAX_PIXELS, decode_image
 from xmodal.indexer.snapshot import DataDir, Snapshot
 from xmodal.indexer.store import BaseStore
@@ -51,6 +51,7 @@ class Limits:
     max_text_chars: int = 10_000
     max_items_per_request: int = 100
     max_feedback_ids: int = 100
+    deadline_s: int = 30  # server-side cap on one search or feedback call
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -290,8 +291,14 @@ class SearchEngine:
                                   split=feedback_split(feedback_id))
         return feedback_id
 
+    def check_deadline(self, deadline: float | None, stage: str) -> None:
+        """Raise DeadlineExceeded if ``deadline`` (time.monotonic) has passed."""
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"deadline passed during {stage}: retry, or give the call a longer deadline "
+                                   f"(the server caps calls at {self.limits.deadline_s} s)")
+
     def search(self, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None,
-               target: str | None = None, k: int = 10) -> SearchResult:
+               target: str | None = None, k: int = 10, deadline: float | None = None) -> SearchResult:
         """Top-k items of ``target`` modality for one query.
 
         Args:
@@ -308,7 +315,9 @@ class SearchEngine:
         if target is not None and target not in MODALITIES:
             raise InvalidArgument(f"target modality must be image or text, got {target!r}")
         snapshot = self._live()  # read the reference once: this query sees one snapshot only
+        self.check_deadline(deadline, "queueing")
         modality, vector, timing = self.query_vector(snapshot, text=text, image=image, item_id=item_id)
+        self.check_deadline(deadline, "encoding")
         target = target or (TEXT if modality == IMAGE else IMAGE)
         index = snapshot.indexes[target]
         t0 = time.perf_counter()

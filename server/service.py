@@ -64,7 +64,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @rpc
     def Search(self, request, context):
         result = self.engine.search(**_query_kwargs(request.query), target=modality_from_proto(request.target),
-                                    k=request.k)
+                                    k=request.k, deadline=self._deadline(context))
         return pb.SearchResponse(
             snapshot_id=result.snapshot_id,
             timing=pb.Timing(**result.timing),
@@ -72,6 +72,12 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                          source=h.source, metadata_json=json.dumps(h.metadata), rank=h.rank)
                   for h in result.hits],
         )
+
+    def _deadline(self, context) -> float:
+        """The earlier of the client's deadline and the server's own cap (time.monotonic)."""
+        remaining = context.time_remaining()
+        cap = float(self.engine.limits.deadline_s)
+        return time.monotonic() + (min(remaining, cap) if remaining is not None else cap)
 
     @rpc
     def GetItems(self, request, context):

@@ -161,3 +161,19 @@ def test_unreachable_server_is_unavailable():
     with xc.SearchClient("127.0.0.1:1", timeout=3) as client:
         with pytest.raises(xc.Unavailable, match="127.0.0.1:1"):
             client.status()
+
+
+def test_server_side_deadline(indexed, encoder):
+    import time as _time
+
+    from xmodal.indexer.errors import DeadlineExceeded
+
+    server = RunningServer(indexed, encoder, deadline_s=1)
+    try:
+        with pytest.raises(DeadlineExceeded, match="during queueing"):  # the caller gave up while it waited
+            server.engine.search(text="a red ring", k=3, deadline=_time.monotonic() - 1)
+        # through gRPC, a client deadline shorter than the server's cap still gets an answer when it is quick
+        assert len(server.client.search(text="a red ring", k=3, timeout=5)) == 3
+        assert server.engine.limits.deadline_s == 1
+    finally:
+        server.stop()
