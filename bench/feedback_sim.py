@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         corpus = world.write_corpus(Path(tmp) / "corpus", n=args.pairs, seed=SEED, style="target", image_size=64)
         encoder = load_encoder(DEMO_MODEL, None)
-        report = index_corpus(corpus, Path(tmp) / "data", encoder, progress=False)
+        index_corpus(corpus, Path(tmp) / "data", encoder, progress=False)
         print(f"corpus: {args.pairs} target-style pairs indexed with an mlp head in {time.perf_counter() - started:.0f} s")
         scenes = world.scenes(args.pairs, SEED)
         ids = [f"target-{SEED}-{i:06d}" for i in range(args.pairs)]

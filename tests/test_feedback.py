@@ -21,7 +21,7 @@ from xmodal import client as xc
 from xmodal.indexer import world
 from xmodal.indexer.catalog import Catalog
 from xmodal.indexer.snapshot import DataDir
-from xmodal.server.refit import RefitPolicy, Refitter
+from xmodal.server.refit import RefitPolicy
 
 
 def records(corpus: Path) -> list[dict]:

@@ -103,7 +103,6 @@ def test_other_encoder_is_refused(world_corpus, encoder, indexed):
 
 def test_clean_spares_a_snapshot_another_process_is_writing(tmp_path):
     """Debris is removed only when its writer is gone (its flock released)."""
-    import fcntl
 
     data = DataDir(tmp_path)
     data.snapshots.mkdir(parents=True)

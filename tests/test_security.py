@@ -7,9 +7,7 @@ import json
 import logging
 import urllib.request
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xmodal import client as xc
 from xmodal.indexer.errors import InvalidArgument
@@ -175,7 +173,6 @@ def test_mutual_tls_requires_a_client_certificate(engine, tmp_path):
 
 
 def test_metrics_endpoint_counts_requests_by_status(keyed, engine):
-    from prometheus_client import CollectorRegistry, generate_latest
 
     from xmodal.server import metrics
 
