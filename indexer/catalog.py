@@ -222,17 +222,21 @@ class Catalog:
             args = (split,)
         return [(r[0], r[1]) for r in self.db().execute(query + " ORDER BY image_id, text_id", args)]
 
-    def get_items(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
-        """Rows for the given ids (missing ids are simply absent)."""
-        out: dict[str, sqlite3.Row] = {}
+    def _rows_by_id(self, columns: str, ids: Sequence[str]) -> list[sqlite3.Row]:
+        """Item rows for the given ids (unknown ids are simply absent), in chunks that stay
+        under SQLite's limit on bound parameters."""
         ids = list(dict.fromkeys(ids))
+        rows: list[sqlite3.Row] = []
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.db().execute(
-                    f"SELECT id, modality, text, source, metadata, content_hash FROM items WHERE id IN ({marks})", chunk):
-                out[row["id"]] = row
-        return out
+            rows += self.db().execute(f"SELECT {columns} FROM items WHERE id IN ({marks})", chunk).fetchall()
+        return rows
+
+    def get_items(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
+        """Rows for the given ids (missing ids are simply absent)."""
+        return {row["id"]: row for row in
+                self._rows_by_id("id, modality, text, source, metadata, content_hash", ids)}
 
     # -- snapshots --------------------------------------------------------------------
     def record_snapshot(self, manifest: dict) -> None:
@@ -299,14 +303,7 @@ class Catalog:
 
     def item_rows(self, ids: Sequence[str]) -> dict[str, tuple[str, int | None, int | None]]:
         """id -> (modality, shard, row) for the given ids that exist."""
-        out = {}
-        ids = list(dict.fromkeys(ids))
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for r in self.db().execute(f"SELECT id, modality, shard, row FROM items WHERE id IN ({marks})", chunk):
-                out[r[0]] = (r[1], r[2], r[3])
-        return out
+        return {r[0]: (r[1], r[2], r[3]) for r in self._rows_by_id("id, modality, shard, row", ids)}
 
 
 class _Transaction:
