@@ -32,10 +32,25 @@ from xmodal.indexer.store import BaseStore
 FEEDBACK_VAL_FRACTION = 0.2
 
 
-def feedback_split(feedback_id: str, val_fraction: float = FEEDBACK_VAL_FRACTION) -> str:
-    """Deterministic slice of feedback held out for validating refits."""
-    bucket = int.from_bytes(hashlib.sha256(feedback_id.encode()).digest()[:8], "big") / 2**64
+def feedback_split(query_key: str, val_fraction: float = FEEDBACK_VAL_FRACTION) -> str:
+    """Deterministic slice of feedback held out for validating refits, keyed on the query.
+
+    Keyed on what was asked (not on the random feedback id), so the same query confirmed
+    twice never lands in both slices (no leak from training into validation), and the
+    same feedback gives the same slices on every run.
+    """
+    bucket = int.from_bytes(hashlib.sha256(query_key.encode()).digest()[:8], "big") / 2**64
     return "val" if bucket < val_fraction else "train"
+
+
+def feedback_query_key(kind: str, content: str | bytes) -> str:
+    """What a feedback query is, for :func:`feedback_split`: the text (case and spacing
+    folded), the item id, or the sha256 of the image bytes."""
+    if kind == "text":
+        return "text:" + " ".join(str(content).lower().split())
+    if kind == "image":
+        return "image:" + hashlib.sha256(bytes(content)).hexdigest()
+    return f"{kind}:{content}"
 
 log = logging.getLogger("xmodal.server")
 VERSION = "0.1.0"
@@ -288,7 +303,7 @@ class SearchEngine:
         self.catalog.add_feedback(feedback_id=feedback_id, query_kind=kind, query_modality=modality,
                                   query_text=query_text, embedding=np.asarray(base).reshape(-1), relevant=relevant,
                                   irrelevant=irrelevant, weight=float(weight), source=source,
-                                  split=feedback_split(feedback_id))
+                                  split=feedback_split(feedback_query_key(kind, image if kind == "image" else query_text)))
         return feedback_id
 
     def check_deadline(self, deadline: float | None, stage: str) -> None:

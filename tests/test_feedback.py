@@ -54,7 +54,9 @@ def served(indexed, encoder, tmp_path):
 
 def refit_and_wait(server, mode: str) -> xc.RefitRun:
     run_id = server.client.refit(mode)
-    return server.client.wait_for_refit(run_id, timeout=300)
+    run = server.client.wait_for_refit(run_id, timeout=300)
+    print("refit", run.mode, run.state, run.before, run.after)
+    return run
 
 
 def test_feedback_is_durable_and_bad_feedback_is_refused(served, world_corpus):
@@ -80,6 +82,25 @@ def test_feedback_is_durable_and_bad_feedback_is_refused(served, world_corpus):
     assert server.client.status().feedback_total == 3
 
 
+def test_the_held_out_slice_is_keyed_on_the_query_not_the_event(served, world_corpus):
+    """The same query confirmed again lands in the same slice (no train/val leak), and the
+    slices of distinct queries come out near the 20 % held-out fraction."""
+    data, start = served
+    server = start()
+    rec = records(world_corpus)
+    text = user_caption(rec[5])
+    variants = [text, text.upper(), "  " + text.replace(" ", "   ") + " "] * 8
+    same = [server.client.submit_feedback(text=t, relevant=[rec[5]["id"]]) for t in variants]
+    image = (world_corpus / rec[6]["image"]).read_bytes()
+    same_image = [server.client.submit_feedback(image=image, relevant=[rec[6]["id"] + "#caption"]) for _ in range(12)]
+    distinct = [server.client.submit_feedback(text=user_caption(r) + f" #{i}", relevant=[r["id"]])
+                for i, r in enumerate(rec[:200])]
+    split = {r["id"]: r["split"] for r in Catalog(data / "catalog.sqlite").feedback()}
+    assert len({split[i] for i in same}) == 1 and len({split[i] for i in same_image}) == 1
+    held_out = sum(split[i] == "val" for i in distinct) / len(distinct)
+    assert 0.12 < held_out < 0.28, held_out
+
+
 def send_user_feedback(server, corpus: Path, n: int, *, shuffled: bool = False, weight: float = 1.0) -> list[str]:
     rec = [r for r in records(corpus)][:n]
     targets = [r["id"] for r in rec]
@@ -96,7 +117,7 @@ def test_query_refit_reuses_the_index_files(served, world_corpus):
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (data / "snapshots" / live).glob("*.faiss")}
     send_user_feedback(server, world_corpus, 150)
     run = refit_and_wait(server, "query")
-    assert run.state == "promoted", run.message
+    assert run.state == "promoted", (run.message, run.before, run.after)
     assert run.mode == "query" and run.snapshot_id == server.engine.snapshot.id != live
     assert run.after["feedback_val_recall@10"] > run.before["feedback_val_recall@10"]
     new = data / "snapshots" / run.snapshot_id
@@ -121,7 +142,7 @@ def test_full_refit_rebuilds_indexes_without_the_encoder(served, world_corpus, m
     for name in ("encode_texts", "encode_images", "encode_image_tensors"):
         monkeypatch.setattr(server.engine.encoder, name, forbidden)
     run = refit_and_wait(server, "full")
-    assert run.state == "promoted", run.message
+    assert run.state == "promoted", (run.message, run.before, run.after)
     old, new = data / "snapshots" / live, data / "snapshots" / run.snapshot_id
     for name in ("image.faiss", "text.faiss"):
         assert (new / name).stat().st_ino != (old / name).stat().st_ino
