@@ -2,7 +2,9 @@
 
 - :class:`InfoNCELoss`: symmetric image<->text InfoNCE (CLIP's loss) with a learnable
   temperature; several positives per row (duplicate captions, several texts of one image)
-  share the target mass instead of being pushed apart as negatives.
+  are each scored against the row's negatives only, never pushed apart as each other's
+  negatives; items a user marked as wrong answers to a query can be added as extra (hard)
+  negatives of that query.
 - :func:`pairwise_label_loss`: label-aware pairwise loss (as in Margaritis et al. 2025):
   same-label embeddings pulled together, different-label ones pushed below a margin.
 - :func:`supcon_loss`: supervised contrastive loss (Khosla et al. 2020) over labels.
@@ -27,24 +29,59 @@ class InfoNCELoss(torch.nn.Module):
                                               requires_grad=learn_temperature)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+                weights: torch.Tensor | None = None, *, hard_images: tuple | None = None,
+                hard_texts: tuple | None = None, hard_weight: float = 1.0) -> torch.Tensor:
         """
         Args:
             image, text: (B, d) normalised embeddings of B pairs (row i of each is pair i).
             positives: (B, B) bool, positives[i, j] when text j is a right answer for image i
                 (the diagonal is always true).
             weights: optional (B,) pair weights.
+            hard_images: optional (embeddings (M, d), rows (M,)): images known to be wrong
+                answers to the text of pair ``rows[m]``; extra negatives of that text only.
+            hard_texts: the same for texts that are wrong answers to a pair's image.
+            hard_weight: each hard negative counts as this many ordinary negatives (its
+                term in the softmax denominator is multiplied by it).
         """
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
         logits = scale * image @ text.T
-        # -log of the probability mass on *any* right answer: identical captions share it,
-        # instead of splitting a one-hot target (which would leave a log(n) floor).
-        image_to_text = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positives, float("-inf")), 1)
-        text_to_image = torch.logsumexp(logits.T, 1) - torch.logsumexp(logits.T.masked_fill(~positives.T, float("-inf")), 1)
+        image_to_text = _each_positive(logits, positives, _with_hard(logits, image, hard_texts, scale, hard_weight))
+        text_to_image = _each_positive(logits.T, positives.T,
+                                       _with_hard(logits.T, text, hard_images, scale, hard_weight))
         per_pair = (image_to_text + text_to_image) / 2
         if weights is None:
             return per_pair.mean()
         return (per_pair * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+def _each_positive(logits: torch.Tensor, positives: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """Per query row: the mean over its right answers p of -log(e^l_p / (e^l_p + sum over
+    its wrong answers e^l_n)). Right answers never compete with each other, so identical
+    captions leave no log(n) floor, and each right answer (the site's caption of an image
+    *and* a user's words for it) must beat every wrong one on its own.
+
+    Args:
+        logits: (B, B), rows are queries. positives: (B, B) bool.
+        extra: optional (B, M) logits of hard negatives, -inf outside their query's row.
+    """
+    negatives = logits.masked_fill(positives, float("-inf"))
+    # a finite floor column keeps a row without any negative finite (and its gradient clean)
+    columns = [negatives, logits.new_full((len(logits), 1), -1e4)] + ([extra] if extra is not None else [])
+    wrong = torch.logsumexp(torch.cat(columns, 1), 1, keepdim=True)
+    per = (torch.logaddexp(logits, wrong) - logits).masked_fill(~positives, 0)
+    return per.sum(1) / positives.sum(1).clamp(min=1)
+
+
+def _with_hard(logits: torch.Tensor, queries: torch.Tensor, hard: tuple | None, scale: torch.Tensor,
+               weight: float) -> torch.Tensor | None:
+    """(B, M) logits of the hard negatives, each -inf except in the row of the query it
+    belongs to (None without hard negatives)."""
+    if hard is None or len(hard[0]) == 0:
+        return None
+    vectors, rows = hard
+    values = scale * (queries[rows] * vectors).sum(-1) + math.log(weight)
+    extra = logits.new_full((len(logits), len(vectors)), float("-inf"))
+    return extra.index_put((rows, torch.arange(len(vectors), device=rows.device)), values)
 
 
 def _label_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ so a fit never returns a head that validates worse than where it started), fixed
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 import sys
@@ -48,6 +49,7 @@ class FitConfig:
     pairwise_margin: float = 0.2
     supcon_weight: float = 0.0  # supervised contrastive loss (needs labels)
     supcon_temperature: float = 0.1
+    hard_negative_weight: float = 1.0  # each marked-wrong item counts as this many negatives
     min_pairs: int = MIN_PAIRS
     max_seconds: float | None = 900.0
     seed: int = 0
@@ -60,7 +62,7 @@ class FitConfig:
                 raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise InvalidArgument("batch_size must be at least 2 (contrastive batches need negatives)")
-        for name in ("lr", "temperature", "supcon_temperature"):
+        for name in ("lr", "temperature", "supcon_temperature", "hard_negative_weight"):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "pairwise_weight", "supcon_weight", "patience"):
@@ -73,8 +75,13 @@ class PairSet:
     """Aligned pairs of base vectors: row i of ``image`` goes with row i of ``text``.
 
     ``image_keys``/``text_keys`` group rows that share an image / an identical caption
-    (they count as positives of each other); ``labels`` (-1 = none) and ``weights`` are
-    optional.
+    (they count as positives of each other). Pair sets built from a catalog use
+    :func:`item_key`, one key space for all of them, so the same image in corpus pairs and
+    in feedback pairs is one group. ``labels`` (-1 = none) and ``weights`` are optional.
+
+    Hard negatives (optional, from feedback's irrelevant ids): ``hard`` holds base vectors,
+    ``hard_rows`` the pair row each one answers wrongly, and ``hard_is_image`` whether it is
+    an image (a wrong answer to the row's text) or a text (a wrong answer to its image).
     """
 
     image: np.ndarray
@@ -83,6 +90,9 @@ class PairSet:
     text_keys: np.ndarray
     labels: np.ndarray | None = None
     weights: np.ndarray | None = None
+    hard: np.ndarray | None = None
+    hard_rows: np.ndarray | None = None
+    hard_is_image: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.image)
@@ -94,30 +104,59 @@ class PairSet:
                 raise InvalidArgument(f"{name} must have one entry per pair")
         if self.weights is not None and not np.all(np.isfinite(self.weights) & (self.weights >= 0)):
             raise InvalidArgument("pair weights must be finite and non-negative")
+        hard = (self.hard, self.hard_rows, self.hard_is_image)
+        if any(v is not None for v in hard):
+            if any(v is None for v in hard) or not len(self.hard) == len(self.hard_rows) == len(self.hard_is_image):
+                raise InvalidArgument("hard negatives need vectors, rows and modalities of one length")
+            if len(self.hard_rows) and (self.hard_rows.min() < 0 or self.hard_rows.max() >= n):
+                raise InvalidArgument("a hard negative points at a pair row that does not exist")
 
     def __len__(self) -> int:
         return len(self.image)
 
+    @property
+    def n_hard(self) -> int:
+        return 0 if self.hard is None else len(self.hard)
+
     def subset(self, rows: np.ndarray) -> "PairSet":
+        rows = np.asarray(rows)
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        hard = (None, None, None)
+        if self.hard is not None:
+            where = np.full(len(self), -1, np.int64)
+            where[rows] = np.arange(len(rows))
+            moved = where[self.hard_rows]
+            keep = moved >= 0
+            hard = (self.hard[keep], moved[keep], self.hard_is_image[keep])
         return PairSet(self.image[rows], self.text[rows], self.image_keys[rows], self.text_keys[rows],
-                       pick(self.labels), pick(self.weights))
+                       pick(self.labels), pick(self.weights), *hard)
 
     @staticmethod
     def concat(parts: list["PairSet"]) -> "PairSet":
-        """Concatenate pair sets; keys are offset so groups of different parts never merge."""
-        out_keys_i, out_keys_t, offset_i, offset_t = [], [], 0, 0
-        for part in parts:
-            out_keys_i.append(part.image_keys + offset_i)
-            out_keys_t.append(part.text_keys + offset_t)
-            offset_i += int(part.image_keys.max(initial=-1)) + 1
-            offset_t += int(part.text_keys.max(initial=-1)) + 1
+        """Concatenate pair sets. Keys are kept as they are: build the parts in one key
+        space (:func:`item_key`), so that an image or caption shared by two parts stays one
+        group instead of becoming its own negative."""
         labels = None if all(p.labels is None for p in parts) else np.concatenate(
             [p.labels if p.labels is not None else np.full(len(p), -1) for p in parts])
         weights = None if all(p.weights is None for p in parts) else np.concatenate(
             [p.weights if p.weights is not None else np.ones(len(p), np.float32) for p in parts])
+        hard = (None, None, None)
+        if any(p.n_hard for p in parts):
+            dim = parts[0].image.shape[1]
+            offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+            hard = (np.concatenate([p.hard if p.n_hard else np.zeros((0, dim), np.float32) for p in parts]),
+                    np.concatenate([p.hard_rows + o if p.n_hard else np.zeros(0, np.int64)
+                                    for p, o in zip(parts, offsets)]),
+                    np.concatenate([p.hard_is_image if p.n_hard else np.zeros(0, bool) for p in parts]))
         return PairSet(np.concatenate([p.image for p in parts]), np.concatenate([p.text for p in parts]),
-                       np.concatenate(out_keys_i), np.concatenate(out_keys_t), labels, weights)
+                       np.concatenate([p.image_keys for p in parts]), np.concatenate([p.text_keys for p in parts]),
+                       labels, weights, *hard)
+
+
+def item_key(kind: str, value: str) -> int:
+    """A grouping key for :class:`PairSet`, equal wherever the same thing appears:
+    ``item_key("image", image_id)``, ``item_key("text", content_hash)``."""
+    return int.from_bytes(hashlib.sha256(f"{kind}:{value}".encode()).digest()[:8], "big") >> 1
 
 
 @dataclass
@@ -259,6 +298,27 @@ def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config
     text_keys = torch.from_numpy(train.text_keys)
     labels = torch.from_numpy(train.labels) if train.labels is not None else None
     weights = torch.from_numpy(train.weights.astype(np.float32)) if train.weights is not None else None
+    if train.n_hard:
+        hard = torch.from_numpy(np.ascontiguousarray(train.hard, dtype=np.float32))
+        hard_rows = torch.from_numpy(train.hard_rows.astype(np.int64))
+        hard_is_image = torch.from_numpy(train.hard_is_image.astype(bool))
+        position = torch.full((len(train),), -1, dtype=torch.int64)
+
+    def hard_negatives(rows: torch.Tensor) -> dict:
+        """The hard negatives of the batch's pairs, projected, with their batch rows."""
+        if not train.n_hard:
+            return {}
+        position[rows] = torch.arange(len(rows))
+        local = position[hard_rows]
+        position[rows] = -1
+        chosen = local >= 0
+        out = {}
+        for name, modality, mask in (("hard_images", IMAGE, hard_is_image), ("hard_texts", TEXT, ~hard_is_image)):
+            pick = chosen & mask
+            if pick.any():
+                out[name] = (head(modality, hard[pick], query_modality == modality), local[pick])
+        return out
+
     generator = torch.Generator().manual_seed(config.seed)
 
     val_relevant = relevance(val) if val is not None and len(val) and score is None else None
@@ -290,7 +350,8 @@ def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config
             txt = head(TEXT, text[rows], query_modality == TEXT)
             ik, tk = image_keys[rows], text_keys[rows]
             positives = (ik[:, None] == ik[None, :]) | (tk[:, None] == tk[None, :])
-            loss = loss_fn(img, txt, positives, weights[rows] if weights is not None else None)
+            loss = loss_fn(img, txt, positives, weights[rows] if weights is not None else None,
+                           hard_weight=config.hard_negative_weight, **hard_negatives(rows))
             if labels is not None and (config.pairwise_weight or config.supcon_weight):
                 both = torch.cat([img, txt])
                 both_labels = torch.cat([labels[rows], labels[rows]])
@@ -339,13 +400,11 @@ def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_
         empty = np.zeros((0, dim), np.float32)
         return PairSet(empty, empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
     info = catalog.get_items([t for _, t in pairs] + [i for i, _ in pairs])
-    image_key: dict[str, int] = {}
-    text_key: dict[str, int] = {}
     label_ids: dict[str, int] = {}
     ik, tk, labels = [], [], []
     for image_id, text_id in pairs:
-        ik.append(image_key.setdefault(image_id, len(image_key)))
-        tk.append(text_key.setdefault(info[text_id]["content_hash"], len(text_key)))
+        ik.append(item_key("image", image_id))
+        tk.append(item_key("text", info[text_id]["content_hash"]))
         if label_field:
             meta = json.loads(info[image_id]["metadata"])
             value = meta.get(label_field, json.loads(info[text_id]["metadata"]).get(label_field))
@@ -358,5 +417,5 @@ def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_
     )
 
 
-__all__ = ["FitConfig", "FitReport", "PairSet", "fit_head", "fit_query_adapter", "pairs_from_catalog", "validation_recall",
+__all__ = ["FitConfig", "FitReport", "PairSet", "item_key", "fit_head", "fit_query_adapter", "pairs_from_catalog", "validation_recall",
            "TRAINABLE_KINDS"]
