@@ -10,9 +10,11 @@ through the server before and after, on images of the test split (never used as 
 - recall@10 of the original test pairs' captions (target: falls by at most 0.02).
 
 An image counts as a right answer when its scene is the one the query describes (several
-generated images share a description).
+generated images share a description). With ``--mark-irrelevant N`` the users also mark
+the wrong images among their query's top N hits as irrelevant (hard negatives of the refit).
 
-    python bench/feedback_sim.py [--pairs 3000] [--feedback 500] [--mode query] [--out docs/results/feedback]
+    python bench/feedback_sim.py [--pairs 3000] [--feedback 500] [--mode query] [--mark-irrelevant N]
+                                 [--out docs/results/feedback]
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", default="query", choices=["query", "full", "auto"])
     parser.add_argument("--feedback-weight", type=float, default=RefitPolicy.feedback_weight)
     parser.add_argument("--epochs", type=int, default=RefitPolicy.epochs)
+    parser.add_argument("--mark-irrelevant", type=int, default=0, metavar="N",
+                        help="users also mark the wrong images among their top N hits as irrelevant (default 0)")
+    parser.add_argument("--hard-negative-weight", type=float, default=RefitPolicy.hard_negative_weight)
     parser.add_argument("--out", default=None, help="folder for feedback.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
         engine = SearchEngine(Path(tmp) / "data", encoder)
         engine.load_current()
         refitter = Refitter(engine, RefitPolicy(mode=args.mode, feedback_weight=args.feedback_weight,
-                                                 epochs=args.epochs))
+                                                 epochs=args.epochs,
+                                                 hard_negative_weight=args.hard_negative_weight))
         server = Server(engine, port=0, refitter=refitter).start()
         try:
             with SearchClient(server.address) as client:
@@ -82,8 +88,15 @@ def main(argv=None) -> int:
                 before = {"user_phrasing": recall_at_10(client, user_queries),
                           "original_test_pairs": recall_at_10(client, original)}
                 t0 = time.perf_counter()
+                marked = 0
                 for i in feedback_rows:
-                    client.submit_feedback(text=world.caption(scenes[i], "user"), relevant=[ids[i]], source="sim")
+                    query = world.caption(scenes[i], "user")
+                    wrong = []
+                    if args.mark_irrelevant:
+                        wrong = [h.item_id for h in client.search(text=query, k=args.mark_irrelevant).hits
+                                 if h.item_id not in by_user[query]]
+                        marked += len(wrong)
+                    client.submit_feedback(text=query, relevant=[ids[i]], irrelevant=wrong, source="sim")
                 sent_s = time.perf_counter() - t0
                 run = client.wait_for_refit(client.refit(args.mode), timeout=1800)
                 after = {"user_phrasing": recall_at_10(client, user_queries),
@@ -92,6 +105,8 @@ def main(argv=None) -> int:
             server.stop(grace=1)
     delta_user = after["user_phrasing"] - before["user_phrasing"]
     delta_orig = after["original_test_pairs"] - before["original_test_pairs"]
+    if args.mark_irrelevant:
+        print(f"users marked {marked} images irrelevant (the wrong ones among their top {args.mark_irrelevant})")
     print(f"{len(feedback_rows)} feedback pairs sent in {sent_s:.1f} s; refit {run.run_id}: {run.state} "
           f"({run.mode} mode, {run.duration_s:.1f} s; {run.message})")
     print(f"held-out user-phrasing queries ({len(user_queries)}): recall@10 {before['user_phrasing']:.3f} -> "
@@ -105,7 +120,8 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "feedback.json").write_text(json.dumps({
-            "pairs": args.pairs, "feedback": len(feedback_rows), "mode": run.mode, "state": run.state,
+            "pairs": args.pairs, "feedback": len(feedback_rows), "marked_irrelevant": marked,
+            "hard_negative_weight": args.hard_negative_weight, "mode": run.mode, "state": run.state,
             "refit_seconds": run.duration_s, "before": before, "after": after, "gate_before": run.before,
             "gate_after": run.after}, indent=2))
     return 0 if run.state == "promoted" and delta_user >= 0.15 and delta_orig >= -0.02 else 1

@@ -13,7 +13,8 @@ from .evaluate import pair_metrics
 from .heads import Head
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot, write_snapshot
 from .store import BaseStore
-from .train import FitConfig, FitReport, fit_head, pairs_from_catalog
+from .feedback import feedback_pairs, feedback_recall, split_events
+from .train import FitConfig, FitReport, PairSet, fit_head, pairs_from_catalog, relevance, validation_recall
 
 
 def held_out_metrics(catalog: Catalog, vectors: dict, head: Head, split: str = "test") -> dict:
@@ -29,34 +30,58 @@ def held_out_metrics(catalog: Catalog, vectors: dict, head: Head, split: str = "
 
 
 def fit_from_catalog(catalog: Catalog, store: BaseStore, config: FitConfig, *, label_field: str | None = None,
-                     warm_start: Head | None = None, progress: bool = False,
-                     vectors: dict | None = None) -> tuple[Head, FitReport, dict]:
+                     warm_start: Head | None = None, progress: bool = False, vectors: dict | None = None,
+                     feedback: bool = True) -> tuple[Head, FitReport, dict]:
     """Fit a head on the train split (early stopping on val) and measure zero-shot and the
     head on the test split.
 
+    Args:
+        feedback: also train on the training slice of the catalog's feedback events and
+            early-stop on the mean of corpus validation recall and held-out feedback recall
+            (what a server refit does), so re-indexing or ``xmodal fit`` keeps what users
+            taught the live head. Off for head comparisons on the corpus alone.
+
     Returns:
-        (head, fit report, metrics {"zero_shot": ..., "adapted": ..., "fit": report}).
+        (head, fit report, metrics {"zero_shot": ..., "adapted": ..., "fit": report,
+        "feedback_pairs": n}).
     """
     vectors = vectors or {m: store.load(m) for m in (IMAGE, TEXT)}
     if not vectors[IMAGE][0] or not vectors[TEXT][0]:
         raise FailedPrecondition("the data directory has no embedded images or texts: run `xmodal index` first")
     train = pairs_from_catalog(catalog, store, "train", label_field=label_field, vectors=vectors)
     val = pairs_from_catalog(catalog, store, "val", label_field=label_field, vectors=vectors)
-    head, report = fit_head(train, val, config, warm_start=warm_start, progress=progress)
+    score, from_feedback = None, None
+    if feedback and config.kind not in ("identity", "pca"):
+        train_events, val_events = split_events(catalog)
+        from_feedback, _ = feedback_pairs(catalog, train_events, vectors)
+        if from_feedback is not None:
+            train = PairSet.concat([train, from_feedback])  # feedback pairs are unlabelled (-1)
+            relevant = relevance(val) if len(val) else None
+
+            def mean_recall(head: Head) -> float:
+                values = [validation_recall(head, val, relevant=relevant) if len(val) else None,
+                          feedback_recall(head, val_events, vectors)]
+                values = [v for v in values if v is not None]
+                return sum(values) / len(values) if values else 0.0
+            score = mean_recall
+    head, report = fit_head(train, val, config, warm_start=warm_start, progress=progress, score=score)
     dim = vectors[IMAGE][1].shape[1]
-    metrics = {"zero_shot": held_out_metrics(catalog, vectors, Head("identity", dim)), "fit": report.to_dict()}
+    metrics = {"zero_shot": held_out_metrics(catalog, vectors, Head("identity", dim)), "fit": report.to_dict(),
+               "feedback_pairs": 0 if from_feedback is None else len(from_feedback)}
     if head.kind != "identity":
         metrics["adapted"] = held_out_metrics(catalog, vectors, head)
     return head, report, metrics
 
 
 def fit_snapshot(data_dir: str | Path, config: FitConfig, *, label_field: str | None = None,
-                 warm_start: bool = False, factory: str | None = None, progress: bool = True) -> tuple[dict, FitReport]:
+                 warm_start: bool = False, factory: str | None = None, progress: bool = True,
+                 feedback: bool = True) -> tuple[dict, FitReport]:
     """Offline refit: fit a head on a data directory and write (and make current) a snapshot.
 
     Args:
         warm_start: start from the live snapshot's head (same kind and sizes).
         factory: FAISS factory (default: the live snapshot's, else Flat).
+        feedback: train on the feedback events too (see :func:`fit_from_catalog`).
     """
     data = DataDir(data_dir)
     if not data.catalog_path.exists():
@@ -68,7 +93,7 @@ def fit_snapshot(data_dir: str | Path, config: FitConfig, *, label_field: str | 
     live = Snapshot(data.snapshots / current) if current else None
     start = live.head if (warm_start and live is not None and live.head.kind == config.kind) else None
     head, report, metrics = fit_from_catalog(catalog, store, config, label_field=label_field, warm_start=start,
-                                             progress=progress)
+                                             progress=progress, feedback=feedback)
     manifest = write_snapshot(data, catalog, store, head, encoder=encoder,
                               factory=factory or (live.manifest["faiss_factory"] if live else DEFAULT_FACTORY),
                               parent_id=current, metrics=metrics)
@@ -98,7 +123,7 @@ def compare_heads(data_dir: str | Path, *, kinds=EVAL_KINDS, split: str = "test"
     for kind in kinds:
         config = FitConfig(**{**base.__dict__, "kind": kind})
         head, report, _ = fit_from_catalog(catalog, store, config, label_field=label_field, progress=progress,
-                                           vectors=vectors)
+                                           vectors=vectors, feedback=False)
         results[kind] = {**held_out_metrics(catalog, vectors, head, split), "fit_seconds": report.seconds,
                          "epochs": report.epochs}
     return {"split": split, "pairs": len(catalog.pairs(split)), "encoder": catalog.get_meta("encoder"),

@@ -227,6 +227,8 @@ def index_corpus(
                                                        progress=progress)
         if fitted.kind != "identity":
             report.notes.append(fit_report.summary())
+        if metrics.get("feedback_pairs"):
+            report.notes.append(f"the head also trained on {metrics['feedback_pairs']} feedback pairs")
         report.snapshot = write_snapshot(data, catalog, store, fitted, encoder=encoder.identity, factory=factory,
                                          parent_id=current, metrics=metrics)
         report.snapshot_written = True

@@ -105,8 +105,12 @@ def cmd_fit(args) -> int:
     from xmodal.indexer.adapt import fit_snapshot
 
     manifest, report = fit_snapshot(args.data, _fit_config(args), label_field=args.label_field,
-                                    warm_start=args.warm_start, progress=not args.no_progress)
+                                    warm_start=args.warm_start, progress=not args.no_progress,
+                                    feedback=not args.no_feedback)
     print(report.summary())
+    if manifest["metrics"].get("feedback_pairs"):
+        print(f"  trained on {manifest['metrics']['feedback_pairs']} feedback pairs as well as the corpus pairs "
+              "(--no-feedback: corpus pairs only)")
     print(f"wrote snapshot {manifest['id']} ({manifest['head']['kind']} head) and made it current")
     for name in ("zero_shot", "adapted"):
         for direction, m in sorted(manifest["metrics"].get(name, {}).items(), reverse=True):
@@ -151,7 +155,7 @@ def _policy(args):
     return RefitPolicy(interval_s=args.refit_interval, after_feedback=args.refit_after, mode=args.refit_mode,
                        max_seconds=args.refit_max_seconds, tolerance=args.refit_tolerance,
                        feedback_weight=args.feedback_weight, keep_snapshots=args.keep_snapshots,
-                       epochs=args.refit_epochs)
+                       epochs=args.refit_epochs, hard_negative_weight=args.hard_negative_weight)
 
 
 def _add_refit_args(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +167,9 @@ def _add_refit_args(parser: argparse.ArgumentParser) -> None:
                         help="promote only if validation recall@10 drops by at most this (default 0.01)")
     parser.add_argument("--refit-epochs", type=int, default=40, help="maximum epochs per refit (default 40)")
     parser.add_argument("--feedback-weight", type=float, default=1.0, help="weight of feedback pairs vs corpus pairs")
+    parser.add_argument("--hard-negative-weight", type=float, default=4.0,
+                        help="an item marked irrelevant to a feedback query counts as this many ordinary "
+                             "negatives of that query (default 4)")
     parser.add_argument("--keep-snapshots", type=int, default=10, help="snapshots kept for rollback (default 10)")
 
 
@@ -367,6 +374,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data directory")
     _add_head_args(p)
     p.add_argument("--warm-start", action="store_true", help="start from the live snapshot's head (same kind)")
+    p.add_argument("--no-feedback", action="store_true",
+                   help="train on the corpus pairs only (default: the feedback events' training slice too)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fit)
 

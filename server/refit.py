@@ -19,18 +19,16 @@ and swaps the engine's reference; searches in flight finish on the old snapshot.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.errors import FailedPrecondition, InvalidArgument
-from xmodal.indexer.evaluate import retrieval_metrics
+from xmodal.indexer.feedback import feedback_pairs, feedback_queries, feedback_recall
 from xmodal.indexer.snapshot import prune_snapshots, write_snapshot
 from xmodal.indexer.train import (FitConfig, PairSet, fit_head, fit_query_adapter, pairs_from_catalog,
                                   validation_recall)
@@ -52,6 +50,7 @@ class RefitPolicy:
     max_seconds: float = 600.0           # wall-time cap of the training part of a run
     tolerance: float = 0.01              # how much worse than live a new head may validate
     feedback_weight: float = 1.0         # multiplies each event's own weight
+    hard_negative_weight: float = 4.0    # an irrelevant item counts as this many in-batch negatives
     keep_snapshots: int = 10
     full_every: int = 10                 # in auto mode, a full refit after this many query ones
     epochs: int = 40
@@ -72,73 +71,6 @@ class RefitPolicy:
             raise InvalidArgument("max_seconds and feedback_weight must be positive, tolerance not negative")
         if self.keep_snapshots < 1 or self.full_every < 1 or self.epochs < 1:
             raise InvalidArgument("keep_snapshots, full_every and epochs must be at least 1")
-
-
-def _feedback_pairs(events, vectors: dict, weight_scale: float) -> tuple[PairSet | None, str | None]:
-    """Feedback events -> (image, text) pairs of base vectors, and the queries' main modality.
-
-    An event whose query and relevant item are of different modalities gives one pair per
-    relevant item; same-modality confirmations are kept in the catalog but not trained on.
-    """
-    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
-    image, text, ikeys, tkeys, weights, modality_counts = [], [], [], [], [], {IMAGE: 0, TEXT: 0}
-    image_key: dict[str, int] = {}
-    text_key: dict[str, int] = {}
-    for event in events:
-        query_modality = event["query_modality"]
-        other = TEXT if query_modality == IMAGE else IMAGE
-        query = np.frombuffer(event["query_embedding"], dtype=np.float32)
-        query_id = event["query_text"] if event["query_kind"] != "image" else event["id"]
-        for relevant in json.loads(event["relevant"]):
-            row = rows[other].get(relevant)
-            if row is None:
-                continue
-            target = vectors[other][1][row]
-            modality_counts[query_modality] += 1
-            if query_modality == TEXT:
-                image.append(target), text.append(query)
-                ikeys.append(image_key.setdefault(relevant, len(image_key)))
-                tkeys.append(text_key.setdefault(query_id, len(text_key)))
-            else:
-                image.append(query), text.append(target)
-                ikeys.append(image_key.setdefault(query_id, len(image_key)))
-                tkeys.append(text_key.setdefault(relevant, len(text_key)))
-            weights.append(event["weight"] * weight_scale)
-    if not image:
-        return None, None
-    main = max(modality_counts, key=modality_counts.get)
-    return PairSet(np.stack(image), np.stack(text), np.asarray(ikeys), np.asarray(tkeys),
-                   weights=np.asarray(weights, np.float32)), main
-
-
-def feedback_queries(events, vectors: dict) -> int:
-    """How many held-out feedback events :func:`feedback_recall` can score."""
-    known = {m: set(vectors[m][0]) for m in (IMAGE, TEXT)}
-    return sum(1 for e in events
-               if any(i in known[TEXT if e["query_modality"] == IMAGE else IMAGE] for i in json.loads(e["relevant"])))
-
-
-def feedback_recall(head, events, vectors: dict, k: int = 10) -> float | None:
-    """Recall@k of held-out feedback: each event's query (through its query adapter) against
-    the whole gallery of its relevant items' modality."""
-    if not events:
-        return None
-    galleries = {m: head.project(m, vectors[m][1]) for m in (IMAGE, TEXT) if len(vectors[m][0])}
-    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
-    hits, total = 0, 0
-    for modality in (IMAGE, TEXT):
-        chosen = [e for e in events if e["query_modality"] == modality]
-        other = TEXT if modality == IMAGE else IMAGE
-        relevant = [{rows[other][i] for i in json.loads(e["relevant"]) if i in rows[other]} for e in chosen]
-        keep = [n for n, r in enumerate(relevant) if r]
-        if not keep or other not in galleries:
-            continue
-        queries = head.project(modality, np.stack([np.frombuffer(chosen[n]["query_embedding"], np.float32)
-                                                   for n in keep]), query=True)
-        result = retrieval_metrics(queries, galleries[other], [relevant[n] for n in keep], ks=(k,))
-        hits += result[f"recall@{k}"] * len(keep)
-        total += len(keep)
-    return hits / total if total else None
 
 
 class Refitter:
@@ -233,7 +165,7 @@ class Refitter:
         val_events = [e for e in events if e["split"] == "val"]
         corpus_train = pairs_from_catalog(catalog, engine.store, "train", vectors=vectors)
         corpus_val = pairs_from_catalog(catalog, engine.store, "val", vectors=vectors)
-        feedback_train, query_modality = _feedback_pairs(train_events, vectors, policy.feedback_weight)
+        feedback_train, query_modality = feedback_pairs(catalog, train_events, vectors, policy.feedback_weight)
         parts = [corpus_train] + ([feedback_train] if feedback_train is not None else [])
         train = PairSet.concat(parts) if len(parts) > 1 else corpus_train
 
@@ -249,7 +181,8 @@ class Refitter:
         config = FitConfig(kind=live.head.kind if live.head.kind in ("linear", "mlp", "shared") else "mlp",
                            hidden=int(live.head.options.get("hidden", 512)), epochs=policy.epochs,
                            max_seconds=policy.max_seconds, min_pairs=policy.min_pairs, seed=policy.seed,
-                           batch_size=policy.batch_size, patience=policy.patience, lr=policy.lr)
+                           batch_size=policy.batch_size, patience=policy.patience, lr=policy.lr,
+                           hard_negative_weight=policy.hard_negative_weight)
         self.progress = f"training ({mode} mode, {len(train)} pairs of which {len(train) - len(corpus_train)} feedback)"
         warm = None
         if mode == "query":

@@ -130,6 +130,103 @@ def test_query_refit_reuses_the_index_files(served, world_corpus):
     assert run.after["feedback_val_recall@10"] is not None and run.before["corpus_val_recall@10"] is not None
 
 
+def test_refits_learn_from_irrelevant_items_as_hard_negatives(served, indexed, encoder, world_corpus, tmp_path):
+    """Users mark their queries' top wrong hits as irrelevant: a refit that learns from the
+    marks pushes those items further down than the same refit without the marks."""
+    data, start = served
+    marked_server = start(mode="query", epochs=60)
+    marks = []
+    for r in records(world_corpus)[:120]:
+        hits = [h.item_id for h in marked_server.client.search(text=user_caption(r), k=4)]
+        marks.append((user_caption(r), r["id"], [h for h in hits if h != r["id"]][:3]))
+    plain_data = tmp_path / "plain"
+    shutil.copytree(indexed, plain_data)
+    plain_server = RunningServer(plain_data, encoder)
+    plain_server.server.refitter.policy = RefitPolicy(mode="query", epochs=60)
+
+    def refit_and_count(server, with_marks: bool) -> float:
+        """The median rank of the marked items among all 400 images after a refit."""
+        for text, right, wrong in marks:
+            server.client.submit_feedback(text=text, relevant=[right], irrelevant=wrong if with_marks else [])
+        run = refit_and_wait(server, "query")
+        assert run.state == "promoted", (run.message, run.before, run.after)
+        ranks = []
+        for text, _, wrong in marks:
+            order = {h.item_id: h.rank for h in server.client.search(text=text, k=400)}
+            ranks += [order[w] for w in wrong]
+        return float(np.median(ranks))
+
+    try:
+        plain = refit_and_count(plain_server, False)
+    finally:
+        plain_server.stop()
+    marked = refit_and_count(marked_server, True)
+    print(f"median rank of the marked items: {plain} without the marks, {marked} with them")
+    assert marked > plain * 1.5, (plain, marked)
+
+
+def test_feedback_pairs_share_keys_with_the_corpus_pairs(served, world_corpus):
+    """A confirmed image is the same positive group as that image in the corpus pairs (not
+    its own negative when both land in one batch); irrelevant items become hard negatives."""
+    from xmodal.indexer.catalog import text_hash
+    from xmodal.indexer.train import item_key, pairs_from_catalog
+    from xmodal.indexer.feedback import feedback_pairs
+
+    data, start = served
+    server = start()
+    rec = records(world_corpus)
+    server.client.submit_feedback(text=rec[0]["caption"], relevant=[rec[0]["id"]], irrelevant=[rec[1]["id"], rec[2]["id"]])
+    server.client.submit_feedback(item_id=rec[3]["id"], relevant=[rec[3]["id"] + "#caption"])
+    engine = server.engine
+    vectors = {m: engine.store.load(m) for m in ("image", "text")}
+    events = engine.catalog.feedback()
+    pairs, _ = feedback_pairs(engine.catalog, events, vectors)
+    assert pairs.image_keys[0] == item_key("image", rec[0]["id"])
+    assert pairs.text_keys[0] == item_key("text", text_hash(rec[0]["caption"]))
+    assert pairs.image_keys[1] == item_key("image", rec[3]["id"])
+    assert pairs.text_keys[1] == item_key("text", text_hash(rec[3]["caption"]))
+    assert pairs.hard_rows.tolist() == [0, 0] and pairs.hard_is_image.all()
+    image_rows = {item_id: n for n, item_id in enumerate(vectors["image"][0])}
+    np.testing.assert_array_equal(pairs.hard[1], vectors["image"][1][image_rows[rec[2]["id"]]])
+    all_pairs = [pairs_from_catalog(engine.catalog, engine.store, s, vectors=vectors) for s in ("train", "val", "test")]
+    corpus_keys = {int(k) for p in all_pairs for k in p.image_keys} | {int(k) for p in all_pairs for k in p.text_keys}
+    assert {int(pairs.image_keys[0]), int(pairs.text_keys[0]), int(pairs.text_keys[1])} <= corpus_keys
+
+
+def test_offline_fit_and_reindexing_keep_what_feedback_taught(served, encoder, world_corpus):
+    """`xmodal fit` (and `xmodal index`, which fits the same way) trains on the feedback
+    too: a head fitted after 150 user-phrasing confirmations finds unseen user-phrasing
+    queries far better than one fitted on the corpus pairs alone."""
+    from xmodal.indexer.adapt import fit_snapshot
+    from xmodal.indexer.snapshot import Snapshot
+    from xmodal.indexer.train import FitConfig
+
+    data, start = served
+    server = start()
+    rec = records(world_corpus)
+    for r in rec[:150]:
+        server.client.submit_feedback(text=user_caption(r), relevant=[r["id"]])
+    unseen = rec[300:]
+    queries = encoder.encode_texts([user_caption(r) for r in unseen])
+
+    def user_recall(feedback: bool) -> tuple[float, dict]:
+        manifest, _ = fit_snapshot(data, FitConfig(kind="mlp", hidden=256, epochs=60, seed=0), progress=False,
+                                   feedback=feedback)
+        head = Snapshot(data / "snapshots" / manifest["id"]).head
+        image_ids, image_base = server.engine.store.load("image")
+        gallery = head.project("image", image_base)
+        top = np.argsort(-(head.project("text", queries, query=True) @ gallery.T), axis=1)[:, :10]
+        scene = {r["id"]: user_caption(r) for r in rec}
+        hits = [any(scene[image_ids[j]] == user_caption(r) for j in row) for r, row in zip(unseen, top)]
+        return float(np.mean(hits)), manifest["metrics"]
+
+    corpus_only, plain_metrics = user_recall(False)
+    with_feedback, metrics = user_recall(True)
+    print(f"unseen user-phrasing recall@10: corpus only {corpus_only:.3f}, with feedback {with_feedback:.3f}")
+    assert plain_metrics["feedback_pairs"] == 0 and 100 < metrics["feedback_pairs"] < 150  # the training slice
+    assert with_feedback > corpus_only + 0.15, (corpus_only, with_feedback)
+
+
 def test_full_refit_rebuilds_indexes_without_the_encoder(served, world_corpus, monkeypatch):
     data, start = served
     server = start(mode="full", epochs=30, tolerance=1.0)  # about the encoder and the files, not the gate
