@@ -9,6 +9,7 @@ re-indexed or refitted head keeps what users taught it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -17,6 +18,38 @@ from .catalog import Catalog, text_hash
 from .corpus import IMAGE, TEXT
 from .evaluate import retrieval_metrics
 from .train import PairSet, item_key
+
+
+FEEDBACK_VAL_FRACTION = 0.2
+
+
+def feedback_split(query_key: str, val_fraction: float = FEEDBACK_VAL_FRACTION) -> str:
+    """Deterministic slice of feedback held out for validating refits, keyed on the query.
+
+    Keyed on what was asked (not on the random feedback id), so the same query confirmed
+    twice never lands in both slices (no leak from training into validation), and the
+    same feedback gives the same slices on every run.
+    """
+    bucket = int.from_bytes(hashlib.sha256(query_key.encode()).digest()[:8], "big") / 2**64
+    return "val" if bucket < val_fraction else "train"
+
+
+def feedback_query_key(kind: str, content: str | bytes) -> str:
+    """What a feedback query is, for :func:`feedback_split`: the text (case and spacing
+    folded), the item id, or the sha256 of the image bytes."""
+    if kind == "text":
+        return "text:" + " ".join(str(content).lower().split())
+    if kind == "image":
+        return "image:" + hashlib.sha256(bytes(content)).hexdigest()
+    return f"{kind}:{content}"
+
+
+def event_query_key(event) -> str:
+    """:func:`feedback_query_key` of a stored event (image bytes are not stored: each image
+    query is its own)."""
+    if event["query_kind"] == "image":
+        return "image-event:" + event["id"]
+    return feedback_query_key(event["query_kind"], event["query_text"])
 
 
 def split_events(catalog: Catalog) -> tuple[list, list]:
@@ -98,34 +131,50 @@ def _text_hashes(catalog: Catalog, events) -> dict[str, str]:
     return {i: r["content_hash"] for i, r in rows.items() if r["modality"] == TEXT}
 
 
+def _held_out_queries(events, vectors: dict) -> list[tuple[str, np.ndarray, set[int]]]:
+    """Distinct held-out queries as (query modality, base embedding, rows of every item any
+    user confirmed for that query in the relevant items' modality)."""
+    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
+    queries: dict[str, tuple[str, np.ndarray, set[int]]] = {}
+    for event in events:
+        modality = event["query_modality"]
+        other = TEXT if modality == IMAGE else IMAGE
+        right = {rows[other][i] for i in json.loads(event["relevant"]) if i in rows[other]}
+        if not right:
+            continue
+        key = event_query_key(event)
+        if key not in queries:
+            queries[key] = (modality, np.frombuffer(event["query_embedding"], np.float32), set())
+        queries[key][2].update(right)
+    return list(queries.values())
+
+
 def feedback_queries(events, vectors: dict) -> int:
-    """How many held-out feedback events :func:`feedback_recall` can score."""
-    known = {m: set(vectors[m][0]) for m in (IMAGE, TEXT)}
-    return sum(1 for e in events
-               if any(i in known[TEXT if e["query_modality"] == IMAGE else IMAGE] for i in json.loads(e["relevant"])))
+    """How many distinct held-out queries :func:`feedback_recall` scores."""
+    return len(_held_out_queries(events, vectors))
 
 
 def feedback_recall(head, events, vectors: dict, k: int = 10) -> float | None:
-    """Recall@k of held-out feedback: each event's query (through its query adapter) against
-    the whole gallery of its relevant items' modality."""
-    if not events:
+    """Recall@k of the held-out feedback queries: each distinct query (through its query
+    adapter) against the whole gallery of its relevant items' modality. The right answers
+    of a query are every item any user confirmed for it (a vague query confirmed with
+    several images has several right answers)."""
+    queries = _held_out_queries(events, vectors)
+    if not queries:
         return None
-    galleries = {m: head.project(m, vectors[m][1]) for m in (IMAGE, TEXT) if len(vectors[m][0])}
-    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
-    hits, total = 0, 0
+    hits, total = 0.0, 0
     for modality in (IMAGE, TEXT):
-        chosen = [e for e in events if e["query_modality"] == modality]
+        chosen = [q for q in queries if q[0] == modality]
         other = TEXT if modality == IMAGE else IMAGE
-        relevant = [{rows[other][i] for i in json.loads(e["relevant"]) if i in rows[other]} for e in chosen]
-        keep = [n for n, r in enumerate(relevant) if r]
-        if not keep or other not in galleries:
+        if not chosen or not len(vectors[other][0]):
             continue
-        queries = head.project(modality, np.stack([np.frombuffer(chosen[n]["query_embedding"], np.float32)
-                                                   for n in keep]), query=True)
-        result = retrieval_metrics(queries, galleries[other], [relevant[n] for n in keep], ks=(k,))
-        hits += result[f"recall@{k}"] * len(keep)
-        total += len(keep)
+        gallery = head.project(other, vectors[other][1])
+        projected = head.project(modality, np.stack([q[1] for q in chosen]), query=True)
+        result = retrieval_metrics(projected, gallery, [q[2] for q in chosen], ks=(k,))
+        hits += result[f"recall@{k}"] * len(chosen)
+        total += len(chosen)
     return hits / total if total else None
 
 
-__all__ = ["feedback_pairs", "feedback_queries", "feedback_recall", "split_events"]
+__all__ = ["FEEDBACK_VAL_FRACTION", "event_query_key", "feedback_pairs", "feedback_queries", "feedback_query_key",
+           "feedback_recall", "feedback_split", "split_events"]

@@ -8,7 +8,6 @@ in one answer and never makes a search wait.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,32 +24,10 @@ from xmodal.indexer.catalog import Catalog
 from xmodal.indexer.corpus import IMAGE, MODALITIES, TEXT
 from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from xmodal.indexer.feedback import feedback_query_key, feedback_split
 from xmodal.indexer.images import DEFAULT_MAX_PIXELS, decode_image
 from xmodal.indexer.snapshot import DataDir, Snapshot
 from xmodal.indexer.store import BaseStore
-
-FEEDBACK_VAL_FRACTION = 0.2
-
-
-def feedback_split(query_key: str, val_fraction: float = FEEDBACK_VAL_FRACTION) -> str:
-    """Deterministic slice of feedback held out for validating refits, keyed on the query.
-
-    Keyed on what was asked (not on the random feedback id), so the same query confirmed
-    twice never lands in both slices (no leak from training into validation), and the
-    same feedback gives the same slices on every run.
-    """
-    bucket = int.from_bytes(hashlib.sha256(query_key.encode()).digest()[:8], "big") / 2**64
-    return "val" if bucket < val_fraction else "train"
-
-
-def feedback_query_key(kind: str, content: str | bytes) -> str:
-    """What a feedback query is, for :func:`feedback_split`: the text (case and spacing
-    folded), the item id, or the sha256 of the image bytes."""
-    if kind == "text":
-        return "text:" + " ".join(str(content).lower().split())
-    if kind == "image":
-        return "image:" + hashlib.sha256(bytes(content)).hexdigest()
-    return f"{kind}:{content}"
 
 log = logging.getLogger("xmodal.server")
 VERSION = "0.1.0"

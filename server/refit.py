@@ -56,7 +56,8 @@ class RefitPolicy:
     epochs: int = 40
     batch_size: int = 64                 # small batches: feedback sets are small, steps matter
     patience: int = 10
-    lr: float = 2e-3
+    lr: float = 2e-3                     # query adapters (zero-initialised, trained from scratch)
+    full_lr: float = 5e-4                # full refits: a lower rate, as they warm-start a trained head
     min_pairs: int = 32
     seed: int = 0
 
@@ -69,6 +70,8 @@ class RefitPolicy:
                 raise InvalidArgument(f"{name} must be positive when set, got {value}")
         if self.max_seconds <= 0 or self.tolerance < 0 or self.feedback_weight <= 0:
             raise InvalidArgument("max_seconds and feedback_weight must be positive, tolerance not negative")
+        if not (self.lr > 0 and self.full_lr > 0 and self.hard_negative_weight > 0):
+            raise InvalidArgument("lr, full_lr and hard_negative_weight must be positive")
         if self.keep_snapshots < 1 or self.full_every < 1 or self.epochs < 1:
             raise InvalidArgument("keep_snapshots, full_every and epochs must be at least 1")
 
@@ -173,15 +176,33 @@ class Refitter:
             return {"corpus_val_recall@10": validation_recall(head, corpus_val) if len(corpus_val) else None,
                     "feedback_val_recall@10": feedback_recall(head, val_events, vectors)}
 
+        # One query more or less is not a regression: with n held-out queries the
+        # tolerance is at least 1/n, so tiny validation slices do not reject by chance.
+        self.progress = "validating the live head"
+        before = figures(live.head)
+        sizes = {"corpus_val_recall@10": len(corpus_val), "feedback_val_recall@10": feedback_queries(val_events, vectors)}
+
+        def worse_than_live(figs: dict) -> list[str]:
+            return [name for name in ("corpus_val_recall@10", "feedback_val_recall@10")
+                    if before[name] is not None and figs[name] is not None
+                    and figs[name] < before[name] - max(policy.tolerance, 1.0 / max(sizes[name], 1))]
+
         def gate_score(head) -> float:
             # Early stopping on the gate's own figures: a refit exists to learn what the
             # corpus does not say, so corpus pairs alone would stop it before it starts.
-            values = [v for v in figures(head).values() if v is not None]
+            # An epoch the gate would reject never counts as the best one, so the run
+            # returns the best head that can be promoted, not one that trades too much
+            # corpus quality for feedback.
+            figs = figures(head)
+            if worse_than_live(figs):
+                return -1.0
+            values = [v for v in figs.values() if v is not None]
             return sum(values) / len(values) if values else 0.0
         config = FitConfig(kind=live.head.kind if live.head.kind in ("linear", "mlp", "shared") else "mlp",
                            hidden=int(live.head.options.get("hidden", 512)), epochs=policy.epochs,
                            max_seconds=policy.max_seconds, min_pairs=policy.min_pairs, seed=policy.seed,
-                           batch_size=policy.batch_size, patience=policy.patience, lr=policy.lr,
+                           batch_size=policy.batch_size, patience=policy.patience,
+                           lr=policy.lr if mode == "query" else policy.full_lr,
                            hard_negative_weight=policy.hard_negative_weight)
         self.progress = f"training ({mode} mode, {len(train)} pairs of which {len(train) - len(corpus_train)} feedback)"
         warm = None
@@ -192,18 +213,13 @@ class Refitter:
             warm = live.head.without_query_adapters() if live.head.kind == config.kind else None
             new_head, report = fit_head(train, None, config, warm_start=warm, score=gate_score)
         self.progress = "validating"
-        before = figures(live.head)
         after = {**figures(new_head), "fit": {k: v for k, v in asdict(report).items() if k != "curve"}}
-        # One query more or less is not a regression: with n held-out queries the
-        # tolerance is at least 1/n, so tiny validation slices do not reject by chance.
-        sizes = {"corpus_val_recall@10": len(corpus_val), "feedback_val_recall@10": feedback_queries(val_events, vectors)}
-        worse = [name for name in ("corpus_val_recall@10", "feedback_val_recall@10")
-                 if before[name] is not None and after[name] is not None
-                 and after[name] < before[name] - max(policy.tolerance, 1.0 / max(sizes[name], 1))]
+        worse = worse_than_live(after)
         common = {"mode": mode, "before": before, "after": after, "feedback_events": len(events)}
         if report.best_epoch == 0 and (mode == "query" or warm is not None):
             return {**common, "state": "rejected",
-                    "message": "no epoch validated better than the live head: nothing new to promote"}
+                    "message": "no epoch validated better than the live head without falling below it beyond the "
+                               f"tolerance on either figure (tolerance {policy.tolerance}): nothing new to promote"}
         if worse:
             return {**common, "state": "rejected",
                     "message": f"new head validates worse than live on {', '.join(worse)} (tolerance {policy.tolerance})"}
