@@ -86,7 +86,7 @@ def test_label_losses_pull_same_label_items_together(loss):
     labelled, _ = fit_head(train, None, FitConfig(kind="mlp", epochs=10, hidden=128, **{loss: 1.0}))
     same_plain, diff_plain = mean_cosines(plain, val)
     same_lab, diff_lab = mean_cosines(labelled, val)
-    assert same_lab - diff_lab > (same_plain - diff_plain) + 0.04  # seeded: +0.057 pairwise, +0.083 supcon
+    assert same_lab - diff_lab > (same_plain - diff_plain) + 0.04  # seeded: +0.056 pairwise, +0.083 supcon
 
 
 def test_duplicate_captions_count_as_positives_not_negatives():
