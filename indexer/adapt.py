@@ -10,10 +10,10 @@ from .catalog import Catalog
 from .corpus import IMAGE, TEXT
 from .errors import FailedPrecondition
 from .evaluate import pair_metrics
+from .feedback import feedback_pairs, feedback_recall, split_events
 from .heads import Head
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot, write_snapshot
 from .store import BaseStore
-from .feedback import feedback_pairs, feedback_recall, split_events
 from .train import FitConfig, FitReport, PairSet, fit_head, pairs_from_catalog, relevance, validation_recall
 
 

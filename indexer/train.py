@@ -49,7 +49,7 @@ class FitConfig:
     pairwise_margin: float = 0.2
     supcon_weight: float = 0.0  # supervised contrastive loss (needs labels)
     supcon_temperature: float = 0.1
-    hard_negative_weight: float = 1.0  # each marked-wrong item counts as this many negatives
+    hard_negative_weight: float = 4.0  # each item marked wrong (feedback) counts as this many negatives
     min_pairs: int = MIN_PAIRS
     max_seconds: float | None = 900.0
     seed: int = 0

@@ -25,7 +25,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.errors import FailedPrecondition, InvalidArgument
 from xmodal.indexer.feedback import feedback_pairs, feedback_queries, feedback_recall
