@@ -10,7 +10,7 @@ from .catalog import Catalog
 from .corpus import IMAGE, TEXT
 from .errors import FailedPrecondition
 from .evaluate import pair_metrics
-from .feedback import feedback_pairs, feedback_recall, split_events
+from .feedback import feedback_pairs, feedback_recall, held_out_queries, split_events
 from .heads import Head
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot, write_snapshot
 from .store import BaseStore
@@ -57,10 +57,11 @@ def fit_from_catalog(catalog: Catalog, store: BaseStore, config: FitConfig, *, l
         if from_feedback is not None:
             train = PairSet.concat([train, from_feedback])  # feedback pairs are unlabelled (-1)
             relevant = relevance(val) if len(val) else None
+            val_queries = held_out_queries(val_events, vectors)
 
             def mean_recall(head: Head) -> float:
                 values = [validation_recall(head, val, relevant=relevant) if len(val) else None,
-                          feedback_recall(head, val_events, vectors)]
+                          feedback_recall(head, val_queries, vectors)]
                 values = [v for v in values if v is not None]
                 return sum(values) / len(values) if values else 0.0
             score = mean_recall

@@ -17,7 +17,7 @@ import numpy as np
 from .catalog import Catalog, text_hash
 from .corpus import IMAGE, TEXT
 from .evaluate import retrieval_metrics
-from .train import PairSet, item_key
+from .train import PairSet, item_key, row_index
 
 
 FEEDBACK_VAL_FRACTION = 0.2
@@ -75,7 +75,7 @@ def feedback_pairs(catalog: Catalog, events, vectors: dict,
         weight_scale: multiplies each event's own weight.
     """
     text_hashes = _text_hashes(catalog, events)
-    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
+    rows = row_index(vectors)
     image, text, ikeys, tkeys, weights, modality_counts = [], [], [], [], [], {IMAGE: 0, TEXT: 0}
     hard, hard_rows, hard_is_image = [], [], []
 
@@ -131,10 +131,11 @@ def _text_hashes(catalog: Catalog, events) -> dict[str, str]:
     return {i: r["content_hash"] for i, r in rows.items() if r["modality"] == TEXT}
 
 
-def _held_out_queries(events, vectors: dict) -> list[tuple[str, np.ndarray, set[int]]]:
-    """Distinct held-out queries as (query modality, base embedding, rows of every item any
-    user confirmed for that query in the relevant items' modality)."""
-    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
+def held_out_queries(events, vectors: dict) -> list[tuple[str, np.ndarray, set[int]]]:
+    """The distinct held-out queries as (query modality, base embedding, rows of every item
+    any user confirmed for that query in the relevant items' modality). Built once per fit;
+    :func:`feedback_recall` scores them every epoch."""
+    rows = row_index(vectors)
     queries: dict[str, tuple[str, np.ndarray, set[int]]] = {}
     for event in events:
         modality = event["query_modality"]
@@ -149,17 +150,11 @@ def _held_out_queries(events, vectors: dict) -> list[tuple[str, np.ndarray, set[
     return list(queries.values())
 
 
-def feedback_queries(events, vectors: dict) -> int:
-    """How many distinct held-out queries :func:`feedback_recall` scores."""
-    return len(_held_out_queries(events, vectors))
-
-
-def feedback_recall(head, events, vectors: dict, k: int = 10) -> float | None:
-    """Recall@k of the held-out feedback queries: each distinct query (through its query
-    adapter) against the whole gallery of its relevant items' modality. The right answers
-    of a query are every item any user confirmed for it (a vague query confirmed with
-    several images has several right answers)."""
-    queries = _held_out_queries(events, vectors)
+def feedback_recall(head, queries: list, vectors: dict, k: int = 10) -> float | None:
+    """Recall@k of the held-out feedback queries (from :func:`held_out_queries`): each one
+    (through its query adapter) against the whole gallery of its relevant items' modality.
+    The right answers of a query are every item any user confirmed for it (a vague query
+    confirmed with several images has several right answers)."""
     if not queries:
         return None
     hits, total = 0.0, 0
@@ -176,5 +171,5 @@ def feedback_recall(head, events, vectors: dict, k: int = 10) -> float | None:
     return hits / total if total else None
 
 
-__all__ = ["FEEDBACK_VAL_FRACTION", "event_query_key", "feedback_pairs", "feedback_queries", "feedback_query_key",
-           "feedback_recall", "feedback_split", "split_events"]
+__all__ = ["FEEDBACK_VAL_FRACTION", "event_query_key", "feedback_pairs", "feedback_query_key",
+           "feedback_recall", "feedback_split", "held_out_queries", "split_events"]

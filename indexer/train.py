@@ -153,6 +153,11 @@ class PairSet:
                        labels, weights, *hard)
 
 
+def row_index(vectors: dict) -> dict[str, dict[str, int]]:
+    """{modality: {item id: row}} of the store's loaded {modality: (ids, vectors)}."""
+    return {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
+
+
 def item_key(kind: str, value: str) -> int:
     """A grouping key for :class:`PairSet`, equal wherever the same thing appears:
     ``item_key("image", image_id)``, ``item_key("text", content_hash)``."""
@@ -393,7 +398,7 @@ def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_
         vectors: optional {modality: (ids, base vectors)} already loaded, to avoid re-reading.
     """
     vectors = vectors or {m: store.load(m) for m in (IMAGE, TEXT)}
-    rows = {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
+    rows = row_index(vectors)
     pairs = [(i, t) for i, t in catalog.pairs(split) if i in rows[IMAGE] and t in rows[TEXT]]
     if not pairs:
         dim = vectors[IMAGE][1].shape[1] if len(vectors[IMAGE][0]) else 0
@@ -417,5 +422,5 @@ def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_
     )
 
 
-__all__ = ["FitConfig", "FitReport", "PairSet", "item_key", "fit_head", "fit_query_adapter", "pairs_from_catalog", "validation_recall",
+__all__ = ["FitConfig", "FitReport", "PairSet", "item_key", "row_index", "fit_head", "fit_query_adapter", "pairs_from_catalog", "validation_recall",
            "TRAINABLE_KINDS"]

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.errors import FailedPrecondition, InvalidArgument
-from xmodal.indexer.feedback import feedback_pairs, feedback_queries, feedback_recall
+from xmodal.indexer.feedback import feedback_pairs, feedback_recall, held_out_queries, split_events
 from xmodal.indexer.snapshot import prune_snapshots, write_snapshot
-from xmodal.indexer.train import (FitConfig, PairSet, fit_head, fit_query_adapter, pairs_from_catalog,
+from xmodal.indexer.train import (FitConfig, PairSet, fit_head, fit_query_adapter, pairs_from_catalog, relevance,
                                   validation_recall)
 
 from . import metrics
@@ -162,24 +162,25 @@ class Refitter:
         mode = self._resolve_mode(mode, live, vectors)
         if mode == "query" and {m: len(vectors[m][0]) for m in (IMAGE, TEXT)} != live.manifest["counts"]:
             raise FailedPrecondition("the corpus changed since the live snapshot was built: run a full refit")
-        events = catalog.feedback()
-        train_events = [e for e in events if e["split"] == "train"]
-        val_events = [e for e in events if e["split"] == "val"]
+        train_events, val_events = split_events(catalog)
+        val_queries = held_out_queries(val_events, vectors)  # built once, scored every epoch
         corpus_train = pairs_from_catalog(catalog, engine.store, "train", vectors=vectors)
         corpus_val = pairs_from_catalog(catalog, engine.store, "val", vectors=vectors)
+        corpus_relevant = relevance(corpus_val)  # built once, scored every epoch
         feedback_train, query_modality = feedback_pairs(catalog, train_events, vectors, policy.feedback_weight)
         parts = [corpus_train] + ([feedback_train] if feedback_train is not None else [])
         train = PairSet.concat(parts) if len(parts) > 1 else corpus_train
 
         def figures(head) -> dict:
-            return {"corpus_val_recall@10": validation_recall(head, corpus_val) if len(corpus_val) else None,
-                    "feedback_val_recall@10": feedback_recall(head, val_events, vectors)}
+            corpus = validation_recall(head, corpus_val, relevant=corpus_relevant) if len(corpus_val) else None
+            return {"corpus_val_recall@10": corpus,
+                    "feedback_val_recall@10": feedback_recall(head, val_queries, vectors)}
 
         # One query more or less is not a regression: with n held-out queries the
         # tolerance is at least 1/n, so tiny validation slices do not reject by chance.
         self.progress = "validating the live head"
         before = figures(live.head)
-        sizes = {"corpus_val_recall@10": len(corpus_val), "feedback_val_recall@10": feedback_queries(val_events, vectors)}
+        sizes = {"corpus_val_recall@10": len(corpus_val), "feedback_val_recall@10": len(val_queries)}
 
         def worse_than_live(figs: dict) -> list[str]:
             return [name for name in ("corpus_val_recall@10", "feedback_val_recall@10")
@@ -214,7 +215,7 @@ class Refitter:
         self.progress = "validating"
         after = {**figures(new_head), "fit": {k: v for k, v in asdict(report).items() if k != "curve"}}
         worse = worse_than_live(after)
-        common = {"mode": mode, "before": before, "after": after, "feedback_events": len(events)}
+        common = {"mode": mode, "before": before, "after": after, "feedback_events": len(train_events) + len(val_events)}
         if report.best_epoch == 0 and (mode == "query" or warm is not None):
             return {**common, "state": "rejected",
                     "message": "no epoch validated better than the live head without falling below it beyond the "
