@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import json
 import os
 import secrets
 import shutil
@@ -22,11 +21,12 @@ import numpy as np
 
 from .catalog import Catalog
 from .corpus import MODALITIES
-from .errors import FailedPrecondition, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .heads import Head, fsync_dir, load_head
+from .manifest import MANIFEST_NAME, Manifest
 from .store import BaseStore, atomic_save_npy
+from .vectors import Vectors, load_vectors
 
-MANIFEST_SCHEMA = 1
 DEFAULT_FACTORY = "Flat"
 
 
@@ -63,8 +63,8 @@ class DataDir:
         return value or None
 
     def set_current(self, snapshot_id: str) -> None:
-        if not (self.snapshots / snapshot_id / "manifest.json").is_file():
-            raise NotFound(f"no snapshot {snapshot_id!r} in {self.snapshots}")
+        if not (self.snapshots / snapshot_id / MANIFEST_NAME).is_file():
+            raise NotFound(f"no snapshot {snapshot_id!r}: see `xmodal snapshots` for the ids")
         tmp = self.snapshots / ".CURRENT.tmp"
         with open(tmp, "w") as handle:
             handle.write(snapshot_id + "\n")
@@ -77,7 +77,7 @@ class DataDir:
         if not self.snapshots.is_dir():
             return []
         return sorted(p.name for p in self.snapshots.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").is_file())
+                      if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
 
     def clean(self) -> list[Path]:
         """Remove debris of unfinished snapshot writes (temporary folders and files).
@@ -147,13 +147,15 @@ def write_snapshot(
     metrics: dict | None = None,
     make_current: bool = True,
     reuse_indexes_from: str | None = None,
-) -> dict:
+    vectors: Vectors | None = None,
+) -> Manifest:
     """Project every base vector with ``head``, build the indexes and write a snapshot.
 
     Args:
         reuse_indexes_from: id of a snapshot whose index files are still right for
             ``head`` (a query-side refit): they are hard-linked, not rebuilt, and nothing
             is re-projected.
+        vectors: the base vectors, when the caller has loaded them already.
 
     Returns:
         The manifest (also at snapshots/<id>/manifest.json).
@@ -165,65 +167,54 @@ def write_snapshot(
     lock = open(lock_path, "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # tells DataDir.clean in other processes this write is alive
     try:
-        return _write_snapshot(data, catalog, store, head, tmp, snapshot_id, encoder=encoder, factory=factory,
-                               parent_id=parent_id, metrics=metrics, make_current=make_current,
-                               reuse_indexes_from=reuse_indexes_from)
+        tmp.mkdir()
+        head_hash = head.save(tmp)
+        if reuse_indexes_from is not None:
+            factory, counts = _link_indexes(data.snapshots / reuse_indexes_from, tmp)
+        else:
+            counts = _build_indexes(tmp, head, vectors or load_vectors(store), factory)
+        manifest = Manifest(id=snapshot_id, parent_id=parent_id, encoder=encoder, base_dim=head.dim_in,
+                            dim=head.dim_out, head={"kind": head.kind, "sha256": head_hash, **head.config},
+                            faiss_factory=factory, counts=counts, metrics=metrics or {},
+                            indexes_from=reuse_indexes_from)
+        manifest.write(tmp)
+        fsync_dir(tmp)
+        os.replace(tmp, data.snapshots / snapshot_id)
+        fsync_dir(data.snapshots)
     finally:
         lock.close()
         lock_path.unlink(missing_ok=True)
-
-
-def _write_snapshot(data: DataDir, catalog: Catalog, store: BaseStore, head: Head, tmp: Path, snapshot_id: str, *,
-                    encoder: str, factory: str, parent_id: str | None, metrics: dict | None, make_current: bool,
-                    reuse_indexes_from: str | None) -> dict:
-    tmp.mkdir()
-    head_hash = head.save(tmp)
-    counts = {}
-    if reuse_indexes_from is not None:
-        source = data.snapshots / reuse_indexes_from
-        parent = json.loads((source / "manifest.json").read_text())
-        factory, counts = parent["faiss_factory"], dict(parent["counts"])
-        for modality in MODALITIES:
-            for name in (f"{modality}.faiss", f"{modality}.ids.npy"):
-                os.link(source / name, tmp / name)  # immutable files: a link is a free copy
-    for modality in MODALITIES if reuse_indexes_from is None else ():
-        ids, base = store.load(modality)
-        vectors = head.project(modality, base) if ids else np.zeros((0, head.dim_out), np.float32)
-        index = build_index(vectors, factory)
-        faiss.write_index(index, str(tmp / f"{modality}.faiss"))
-        atomic_save_npy(tmp / f"{modality}.ids.npy", np.asarray(ids, dtype=str))
-        counts[modality] = len(ids)
-    manifest = {
-        "schema_version": MANIFEST_SCHEMA,
-        "id": snapshot_id,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "parent_id": parent_id,
-        "encoder": encoder,
-        "base_dim": head.dim_in,
-        "dim": head.dim_out,
-        "head": {"kind": head.kind, "sha256": head_hash, **head.config},
-        "faiss_factory": factory,
-        "counts": counts,
-        "metrics": metrics or {},
-        "indexes_from": reuse_indexes_from,
-    }
-    with open(tmp / "manifest.json", "w") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_dir(tmp)
-    os.replace(tmp, data.snapshots / snapshot_id)
-    fsync_dir(data.snapshots)
     catalog.record_snapshot(manifest)
     if make_current:
         data.set_current(snapshot_id)
     return manifest
 
 
+def _link_indexes(source: Path, tmp: Path) -> tuple[str, dict[str, int]]:
+    """Hard-link a snapshot's index files (immutable: a link is a free copy)."""
+    parent = Manifest.read(source)
+    for modality in MODALITIES:
+        for name in (f"{modality}.faiss", f"{modality}.ids.npy"):
+            os.link(source / name, tmp / name)
+    return parent.faiss_factory, dict(parent.counts)
+
+
+def _build_indexes(tmp: Path, head: Head, vectors: Vectors, factory: str) -> dict[str, int]:
+    """Project each modality's base vectors and write its index and id map."""
+    counts = {}
+    for modality in MODALITIES:
+        base = vectors[modality]
+        projected = head.project(modality, base.array) if len(base) else np.zeros((0, head.dim_out), np.float32)
+        faiss.write_index(build_index(projected, factory), str(tmp / f"{modality}.faiss"))
+        atomic_save_npy(tmp / f"{modality}.ids.npy", np.asarray(base.ids, dtype=str))
+        counts[modality] = len(base)
+    return counts
+
+
 def prune_snapshots(data: DataDir, keep: int) -> list[str]:
     """Delete all but the ``keep`` newest snapshots; the one CURRENT names always stays."""
     if keep < 1:
-        raise ValueError("keep must be at least 1")
+        raise InvalidArgument(f"keep at least 1 snapshot, got {keep}")
     current = data.current_id()
     ids = data.snapshot_ids()  # ids sort by creation time
     doomed = [i for i in ids[:-keep] if i != current]
@@ -260,16 +251,10 @@ class Snapshot:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        manifest_path = self.folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise NotFound(f"no snapshot at {self.folder}")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("schema_version") != MANIFEST_SCHEMA:
-            raise FailedPrecondition(f"snapshot {self.folder.name} has schema {self.manifest.get('schema_version')}, "
-                                     f"this xmodal reads {MANIFEST_SCHEMA}")
-        self.id = self.manifest["id"]
+        self.manifest = Manifest.read(self.folder)
+        self.id = self.manifest.id
         self.head = load_head(self.folder)
-        if self.head.digest() != self.manifest["head"]["sha256"]:
+        if self.head.digest() != self.manifest.head_hash:
             raise FailedPrecondition(f"snapshot {self.id}: head does not match the manifest's hash")
         self.indexes = {
             modality: ModalityIndex(
@@ -281,7 +266,7 @@ class Snapshot:
 
     @property
     def encoder(self) -> str:
-        return self.manifest["encoder"]
+        return self.manifest.encoder
 
     def find(self, item_id: str) -> tuple[str, np.ndarray] | None:
         """(modality, adapted vector) of an indexed item, or None."""

@@ -16,6 +16,8 @@ import numpy as np
 
 from .catalog import Catalog
 from .corpus import MODALITIES
+from .errors import InvalidArgument
+from .vectors import ModalityVectors
 
 _SHARD = re.compile(r"^shard-(\d{6})\.npy$")
 
@@ -65,7 +67,7 @@ class BaseStore:
     def append(self, modality: str, ids: list[str], vectors: np.ndarray) -> int:
         """Write one new shard and record its rows in the catalog; returns its number."""
         if len(ids) != len(vectors):
-            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+            raise InvalidArgument(f"{len(ids)} ids for {len(vectors)} vectors: pass one id per vector row")
         folder = self.folder(modality)
         folder.mkdir(parents=True, exist_ok=True)
         numbers = self._shard_numbers(modality)
@@ -79,11 +81,11 @@ class BaseStore:
         return np.asarray(np.load(self.shard_path(modality, shard), mmap_mode="r", allow_pickle=False)[row],
                           dtype=np.float32)
 
-    def load(self, modality: str) -> tuple[list[str], np.ndarray]:
+    def load(self, modality: str) -> ModalityVectors:
         """All embedded items of a modality: ids and float32 base vectors (N x dim)."""
         rows = self.catalog.embedded(modality)
         if not rows:
-            return [], np.zeros((0, 0), np.float32)
+            return ModalityVectors.empty()
         shards: dict[int, np.ndarray] = {}
         for _, shard, _ in rows:
             if shard not in shards:
@@ -92,4 +94,4 @@ class BaseStore:
         out = np.empty((len(rows), dim), np.float32)
         for i, (_, shard, row) in enumerate(rows):
             out[i] = shards[shard][row]
-        return [r[0] for r in rows], out
+        return ModalityVectors([r[0] for r in rows], out)

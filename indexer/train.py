@@ -27,6 +27,7 @@ from .evaluate import retrieval_metrics
 from .heads import DEFAULT_HEAD, HEAD_KINDS, TRAINABLE_KINDS, Head
 from .losses import InfoNCELoss, pairwise_label_loss, supcon_loss
 from .store import BaseStore
+from .vectors import Vectors, load_vectors
 
 MIN_PAIRS = 32
 
@@ -151,11 +152,6 @@ class PairSet:
         return PairSet(np.concatenate([p.image for p in parts]), np.concatenate([p.text for p in parts]),
                        np.concatenate([p.image_keys for p in parts]), np.concatenate([p.text_keys for p in parts]),
                        labels, weights, *hard)
-
-
-def row_index(vectors: dict) -> dict[str, dict[str, int]]:
-    """{modality: {item id: row}} of the store's loaded {modality: (ids, vectors)}."""
-    return {m: {item_id: r for r, item_id in enumerate(vectors[m][0])} for m in (IMAGE, TEXT)}
 
 
 def item_key(kind: str, value: str) -> int:
@@ -391,36 +387,39 @@ def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config
 
 
 def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_field: str | None = None,
-                       vectors: dict | None = None) -> PairSet:
+                       vectors: Vectors | None = None) -> PairSet:
     """The pairs of a split with their base vectors (pairs with a missing vector are left out).
 
     Args:
-        vectors: optional {modality: (ids, base vectors)} already loaded, to avoid re-reading.
+        vectors: the store's vectors already loaded, to avoid re-reading.
     """
-    vectors = vectors or {m: store.load(m) for m in (IMAGE, TEXT)}
-    rows = row_index(vectors)
-    pairs = [(i, t) for i, t in catalog.pairs(split) if i in rows[IMAGE] and t in rows[TEXT]]
+    vectors = vectors or load_vectors(store)
+    images, texts = vectors[IMAGE], vectors[TEXT]
+    pairs = [(i, t) for i, t in catalog.pairs(split) if i in images.rows and t in texts.rows]
     if not pairs:
-        dim = vectors[IMAGE][1].shape[1] if len(vectors[IMAGE][0]) else 0
-        empty = np.zeros((0, dim), np.float32)
+        empty = np.zeros((0, images.dim), np.float32)
         return PairSet(empty, empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
     info = catalog.get_items([t for _, t in pairs] + [i for i, _ in pairs])
-    label_ids: dict[str, int] = {}
-    ik, tk, labels = [], [], []
-    for image_id, text_id in pairs:
-        ik.append(item_key("image", image_id))
-        tk.append(item_key("text", info[text_id]["content_hash"]))
-        if label_field:
-            meta = json.loads(info[image_id]["metadata"])
-            value = meta.get(label_field, json.loads(info[text_id]["metadata"]).get(label_field))
-            labels.append(-1 if value is None else label_ids.setdefault(str(value), len(label_ids)))
+    image_keys = [item_key("image", image_id) for image_id, _ in pairs]
+    text_keys = [item_key("text", info[text_id]["content_hash"]) for _, text_id in pairs]
     return PairSet(
-        vectors[IMAGE][1][[rows[IMAGE][i] for i, _ in pairs]],
-        vectors[TEXT][1][[rows[TEXT][t] for _, t in pairs]],
-        np.asarray(ik, np.int64), np.asarray(tk, np.int64),
-        np.asarray(labels, np.int64) if label_field else None,
+        images.array[[images.rows[i] for i, _ in pairs]],
+        texts.array[[texts.rows[t] for _, t in pairs]],
+        np.asarray(image_keys, np.int64), np.asarray(text_keys, np.int64),
+        _labels(info, pairs, label_field) if label_field else None,
     )
 
 
-__all__ = ["FitConfig", "FitReport", "PairSet", "item_key", "row_index", "fit_head", "fit_query_adapter", "pairs_from_catalog", "validation_recall",
+def _labels(info: dict, pairs: list[tuple[str, str]], label_field: str) -> np.ndarray:
+    """Class ids of the pairs from a metadata field of the image (else of the text); -1: none."""
+    label_ids: dict[str, int] = {}
+    labels = []
+    for image_id, text_id in pairs:
+        meta = json.loads(info[image_id]["metadata"])
+        value = meta.get(label_field, json.loads(info[text_id]["metadata"]).get(label_field))
+        labels.append(-1 if value is None else label_ids.setdefault(str(value), len(label_ids)))
+    return np.asarray(labels, np.int64)
+
+
+__all__ = ["FitConfig", "FitReport", "PairSet", "item_key", "fit_head", "fit_query_adapter", "pairs_from_catalog", "validation_recall",
            "TRAINABLE_KINDS"]

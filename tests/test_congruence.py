@@ -26,7 +26,8 @@ def test_server_top10_equals_numpy_for_200_random_queries(running, indexed, enco
     head = running.engine.snapshot.head
     gallery = {}
     for modality in (IMAGE, TEXT):
-        ids, base = store.load(modality)
+        loaded = store.load(modality)
+        ids, base = loaded.ids, loaded.array
         gallery[modality] = (np.array(ids), head.project(modality, base))
     rng = random.Random(1234)
     scenes = world.scenes(200, seed=99)  # captions the corpus mostly does not contain

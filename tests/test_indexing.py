@@ -25,10 +25,11 @@ def test_index_twice_adds_nothing(world_corpus, encoder, tmp_path):
     second = index_corpus(world_corpus, tmp_path, encoder, progress=False, shard_size=100, head=ZERO_SHOT)
     assert second.embedded == {IMAGE: 0, TEXT: 0}
     assert second.items == {"added": 0, "changed": 0, "unchanged": 800} and second.pairs_added == 0
-    assert not second.snapshot_written and second.snapshot["id"] == first.snapshot["id"]
+    assert not second.snapshot_written and second.snapshot.id == first.snapshot.id
     catalog = Catalog(tmp_path / "catalog.sqlite")
     assert catalog.count_items() == {IMAGE: 400, TEXT: 400}
-    ids, vectors = BaseStore(tmp_path / "base", catalog).load(IMAGE)
+    loaded = BaseStore(tmp_path / "base", catalog).load(IMAGE)
+    ids, vectors = loaded.ids, loaded.array
     assert len(ids) == len(set(ids)) == 400 and vectors.shape == (400, encoder.dim)
     assert len(list((tmp_path / "base" / IMAGE).glob("shard-*.npy"))) == 4
 
@@ -37,7 +38,8 @@ def test_base_vectors_are_the_encoder_output(world_corpus, encoder, indexed):
     from PIL import Image
 
     catalog = Catalog(indexed / "catalog.sqlite")
-    ids, vectors = BaseStore(indexed / "base", catalog).load(IMAGE)
+    loaded = BaseStore(indexed / "base", catalog).load(IMAGE)
+    ids, vectors = loaded.ids, loaded.array
     row = catalog.get_items([ids[7]])[ids[7]]
     expected = encoder.encode_images([Image.open(row["source"]).convert("RGB")])[0]
     np.testing.assert_allclose(vectors[7], expected, atol=2e-3)  # fp16 storage
@@ -64,7 +66,7 @@ def test_undecodable_images_are_skipped_and_reported(world_corpus, encoder, tmp_
     assert report.embedded == {IMAGE: 28, TEXT: 30}
     summary = report.summary()
     assert "skipped 2 undecodable image(s)" in summary and records[3]["id"] in summary
-    snapshot = Snapshot(DataDir(tmp_path / "data").snapshots / report.snapshot["id"])
+    snapshot = Snapshot(DataDir(tmp_path / "data").snapshots / report.snapshot.id)
     assert len(snapshot.indexes[IMAGE]) == 28 and len(snapshot.indexes[TEXT]) == 30
 
 
@@ -79,7 +81,7 @@ def test_changed_content_is_reembedded(world_corpus, encoder, tmp_path):
     assert report.items["changed"] == 1 and report.embedded == {IMAGE: 0, TEXT: 1} and report.snapshot_written
     catalog = Catalog(tmp_path / "data" / "catalog.sqlite")
     assert catalog.count_items() == {IMAGE: 400, TEXT: 400}
-    ids, _ = BaseStore(tmp_path / "data" / "base", catalog).load(TEXT)
+    ids = BaseStore(tmp_path / "data" / "base", catalog).load(TEXT).ids
     assert len(ids) == 400
 
 

@@ -54,10 +54,11 @@ def test_after_kill_and_resume_every_item_is_there_exactly_once(roco_data):
     assert catalog.count_items() == {IMAGE: 2000, TEXT: 2000}
     store = BaseStore(roco_data / "base", catalog)
     for modality in (IMAGE, TEXT):
-        ids, vectors = store.load(modality)
+        loaded = store.load(modality)
+        ids, vectors = loaded.ids, loaded.array
         assert len(ids) == len(set(ids)) == 2000 and vectors.shape[0] == 2000
     snapshot = load_current(DataDir(roco_data))
-    assert snapshot.manifest["counts"] == {IMAGE: 2000, TEXT: 2000}
+    assert snapshot.manifest.counts == {IMAGE: 2000, TEXT: 2000}
     assert sum(catalog.count_pairs().values()) == 2000
 
 
