@@ -1,39 +1,155 @@
-"""Domain adaptation on a data directory: fit a head from the catalog's pairs, measure it
-on held-out pairs, and write it as a new snapshot (offline `xmodal fit`, and `xmodal
-index` after embedding)."""
+"""The one fit pipeline: load pairs and feedback, build the config, train, gate, write.
+
+Every fit runs through :func:`fit_pipeline`: ``xmodal index`` after embedding and
+``xmodal fit`` (via :func:`fit_snapshot`), the server's refits (xmodal.server.refit) and
+the benchmarks. The steps:
+
+1. load: the corpus train/val pairs with their base vectors, and the feedback events'
+   training pairs and held-out queries (:func:`load_training_data`);
+2. gate: a :class:`~.gate.Gate` over the held-out data, guarding the live head for refits;
+3. train: a new head (optionally warm-started), or a query adapter on the live head,
+   early-stopped on the gate's score;
+4. decide: the gate says whether the result may go live;
+5. write: :func:`write_fitted` writes the snapshot (refits write with index reuse).
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 from .catalog import Catalog
 from .corpus import IMAGE, TEXT
 from .errors import FailedPrecondition
 from .evaluate import pair_metrics
-from .feedback import feedback_pairs, feedback_recall, held_out_queries, split_events
-from .heads import Head
+from .feedback import HeldOutQuery, feedback_pairs, held_out_queries, split_events
+from .gate import Decision, Gate
+from .heads import TRAINABLE_KINDS, Head
+from .manifest import Manifest
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot, write_snapshot
 from .store import BaseStore
-from .train import FitConfig, FitReport, PairSet, fit_head, pairs_from_catalog, relevance, validation_recall
+from .train import FitConfig, FitReport, PairSet, fit_head, fit_query_adapter, pairs_from_catalog
+from .vectors import Vectors, load_vectors
+
+log = logging.getLogger(__name__)
 
 
-def held_out_metrics(catalog: Catalog, vectors: dict, head: Head, split: str = "test") -> dict:
+@dataclass
+class TrainingData:
+    """What a fit learns from and is validated on."""
+
+    vectors: Vectors
+    corpus_train: PairSet
+    corpus_val: PairSet
+    feedback_train: PairSet | None  # None: no feedback pairs (or feedback not used)
+    query_modality: str | None      # the feedback queries' main modality
+    val_queries: list[HeldOutQuery]
+    feedback_events: int
+
+    @cached_property
+    def train(self) -> PairSet:
+        """Corpus pairs, plus feedback pairs when there are any (one key space)."""
+        if self.feedback_train is None:
+            return self.corpus_train
+        return PairSet.concat([self.corpus_train, self.feedback_train])
+
+    @property
+    def feedback_pairs(self) -> int:
+        return 0 if self.feedback_train is None else len(self.feedback_train)
+
+
+def load_training_data(catalog: Catalog, store: BaseStore, *, label_field: str | None = None,
+                       feedback: bool = True, feedback_weight: float = 1.0,
+                       vectors: Vectors | None = None) -> TrainingData:
+    """Step 1: corpus pairs (train, val) and, unless ``feedback`` is off, the feedback
+    events' training pairs (weighted by ``feedback_weight``) and held-out queries."""
+    vectors = vectors or load_vectors(store)
+    train = pairs_from_catalog(catalog, store, "train", label_field=label_field, vectors=vectors)
+    val = pairs_from_catalog(catalog, store, "val", label_field=label_field, vectors=vectors)
+    if not feedback:
+        return TrainingData(vectors, train, val, None, None, [], 0)
+    train_events, val_events = split_events(catalog)
+    pairs, modality = feedback_pairs(catalog, train_events, vectors, feedback_weight)
+    return TrainingData(vectors, train, val, pairs, modality, held_out_queries(val_events, vectors),
+                        len(train_events) + len(val_events))
+
+
+@dataclass
+class FitResult:
+    head: Head
+    report: FitReport
+    data: TrainingData
+    before: dict | None  # the gate's figures of the guarded (live) head
+    after: dict | None   # the fitted head's (computed when guarding)
+    decision: Decision
+
+
+def fit_pipeline(catalog: Catalog, store: BaseStore, config: FitConfig, *, guard: Head | None = None,
+                 tolerance: float = 0.0, query_adapter: bool = False, warm_start: Head | None = None,
+                 label_field: str | None = None, feedback: bool = True, feedback_weight: float = 1.0,
+                 vectors: Vectors | None = None, progress: bool = False,
+                 on_step: Callable[[str], None] | None = None) -> FitResult:
+    """Load, gate, train and decide (steps 1-4); the caller writes (step 5).
+
+    Args:
+        guard: the live head a refit must not make worse; None for a new head.
+        tolerance: how far below ``guard`` on a held-out figure a head may validate.
+        query_adapter: train only a query-side adapter on ``guard`` (a query refit).
+        warm_start: a head of ``config``'s kind and sizes to start from.
+        feedback: train on the feedback events too (only for trainable kinds).
+        on_step: told the name of each step as it starts (a refit's progress).
+
+    Raises:
+        FailedPrecondition: nothing embedded yet. InvalidArgument: too few pairs for the
+            head, bad warm start, label losses without labels.
+    """
+    step = on_step or (lambda _: None)
+    step("loading base vectors")
+    vectors = vectors or load_vectors(store)
+    if not len(vectors[IMAGE]) or not len(vectors[TEXT]):
+        raise FailedPrecondition("the data directory has no embedded images or texts: run `xmodal index` first")
+    data = load_training_data(catalog, store, label_field=label_field, vectors=vectors, feedback_weight=feedback_weight,
+                              feedback=feedback and (config.kind in TRAINABLE_KINDS or query_adapter))
+    gate = Gate(data.corpus_val, data.val_queries, vectors)
+    if guard is not None:
+        step("validating the live head")
+        gate = gate.protecting(guard, tolerance)
+    step(f"training ({'query' if query_adapter else 'full'} mode, {len(data.train)} pairs of which "
+         f"{data.feedback_pairs} feedback)")
+    if query_adapter:
+        if guard is None:
+            raise FailedPrecondition("a query adapter is trained on a live head: pass guard")
+        head, report = fit_query_adapter(guard, data.query_modality or TEXT, data.train, None, config,
+                                         progress=progress, score=gate.score)
+    else:
+        head, report = fit_head(data.train, None, config, warm_start=warm_start, progress=progress, score=gate.score)
+    if guard is None:
+        return FitResult(head, report, data, None, None, Decision(True))
+    step("validating")
+    after = gate.figures(head)
+    decision = gate.decide(after, report, must_improve=query_adapter or warm_start is not None)
+    return FitResult(head, report, data, gate.reference, after, decision)
+
+
+def held_out_metrics(catalog: Catalog, vectors: Vectors, head: Head, split: str = "test") -> dict:
     """Text->image and image->text metrics of ``head`` on a split's pairs."""
     pairs = catalog.pairs(split)
-    (image_ids, image_base), (text_ids, text_base) = vectors[IMAGE], vectors[TEXT]
-    if not pairs or not image_ids or not text_ids:
+    images, texts = vectors[IMAGE], vectors[TEXT]
+    if not pairs or not len(images) or not len(texts):
         return {}
     rows = catalog.get_items([t for _, t in pairs])
     groups = {t: row["content_hash"] for t, row in rows.items()}  # identical captions are interchangeable
-    return pair_metrics(image_ids, head.project(IMAGE, image_base), text_ids, head.project(TEXT, text_base), pairs,
-                        text_groups=groups)
+    return pair_metrics(images.ids, head.project(IMAGE, images.array), texts.ids, head.project(TEXT, texts.array),
+                        pairs, text_groups=groups)
 
 
 def fit_from_catalog(catalog: Catalog, store: BaseStore, config: FitConfig, *, label_field: str | None = None,
-                     warm_start: Head | None = None, progress: bool = False, vectors: dict | None = None,
+                     warm_start: Head | None = None, progress: bool = False, vectors: Vectors | None = None,
                      feedback: bool = True) -> tuple[Head, FitReport, dict]:
-    """Fit a head on the train split (early stopping on val) and measure zero-shot and the
-    head on the test split.
+    """An offline fit of a new head (no live head to guard), with its held-out report.
 
     Args:
         feedback: also train on the training slice of the catalog's feedback events and
@@ -43,62 +159,63 @@ def fit_from_catalog(catalog: Catalog, store: BaseStore, config: FitConfig, *, l
 
     Returns:
         (head, fit report, metrics {"zero_shot": ..., "adapted": ..., "fit": report,
-        "feedback_pairs": n}).
+        "feedback_pairs": n}) with zero-shot and adapted metrics on the test split.
     """
-    vectors = vectors or {m: store.load(m) for m in (IMAGE, TEXT)}
-    if not vectors[IMAGE][0] or not vectors[TEXT][0]:
-        raise FailedPrecondition("the data directory has no embedded images or texts: run `xmodal index` first")
-    train = pairs_from_catalog(catalog, store, "train", label_field=label_field, vectors=vectors)
-    val = pairs_from_catalog(catalog, store, "val", label_field=label_field, vectors=vectors)
-    score, from_feedback = None, None
-    if feedback and config.kind not in ("identity", "pca"):
-        train_events, val_events = split_events(catalog)
-        from_feedback, _ = feedback_pairs(catalog, train_events, vectors)
-        if from_feedback is not None:
-            train = PairSet.concat([train, from_feedback])  # feedback pairs are unlabelled (-1)
-            relevant = relevance(val) if len(val) else None
-            val_queries = held_out_queries(val_events, vectors)
-
-            def mean_recall(head: Head) -> float:
-                values = [validation_recall(head, val, relevant=relevant) if len(val) else None,
-                          feedback_recall(head, val_queries, vectors)]
-                values = [v for v in values if v is not None]
-                return sum(values) / len(values) if values else 0.0
-            score = mean_recall
-    head, report = fit_head(train, val, config, warm_start=warm_start, progress=progress, score=score)
-    dim = vectors[IMAGE][1].shape[1]
-    metrics = {"zero_shot": held_out_metrics(catalog, vectors, Head("identity", dim)), "fit": report.to_dict(),
-               "feedback_pairs": 0 if from_feedback is None else len(from_feedback)}
+    vectors = vectors or load_vectors(store)
+    result = fit_pipeline(catalog, store, config, warm_start=warm_start, label_field=label_field,
+                          feedback=feedback, vectors=vectors, progress=progress)
+    head = result.head
+    metrics = {"zero_shot": held_out_metrics(catalog, vectors, Head("identity", vectors[IMAGE].dim)),
+               "fit": result.report.to_dict(), "feedback_pairs": result.data.feedback_pairs}
     if head.kind != "identity":
         metrics["adapted"] = held_out_metrics(catalog, vectors, head)
-    return head, report, metrics
+    return head, result.report, metrics
+
+
+def write_fitted(data: DataDir, catalog: Catalog, store: BaseStore, config: FitConfig, *, encoder: str,
+                 factory: str, parent_id: str | None, label_field: str | None = None,
+                 warm_start: Head | None = None, progress: bool = False,
+                 feedback: bool = True) -> tuple[Manifest, FitReport]:
+    """Fit a new head offline and write it as the current snapshot (steps 1-5)."""
+    head, report, metrics = fit_from_catalog(catalog, store, config, label_field=label_field, warm_start=warm_start,
+                                             progress=progress, feedback=feedback)
+    manifest = write_snapshot(data, catalog, store, head, encoder=encoder, factory=factory, parent_id=parent_id,
+                              metrics=metrics)
+    return manifest, report
+
+
+def open_data_dir(data_dir: str | Path) -> tuple[DataDir, Catalog, BaseStore]:
+    """An indexed data directory's paths, catalog and base store.
+
+    Raises:
+        FailedPrecondition: no catalog there yet.
+    """
+    data = DataDir(data_dir)
+    if not data.catalog_path.exists():
+        raise FailedPrecondition(f"no catalog in {data_dir}: run `xmodal index CORPUS --data {data_dir}` first")
+    catalog = Catalog(data.catalog_path)
+    return data, catalog, BaseStore(data.base, catalog)
 
 
 def fit_snapshot(data_dir: str | Path, config: FitConfig, *, label_field: str | None = None,
                  warm_start: bool = False, factory: str | None = None, progress: bool = True,
-                 feedback: bool = True) -> tuple[dict, FitReport]:
-    """Offline refit: fit a head on a data directory and write (and make current) a snapshot.
+                 feedback: bool = True) -> tuple[Manifest, FitReport]:
+    """Offline refit (`xmodal fit`): fit a head on a data directory and write (and make
+    current) a snapshot.
 
     Args:
         warm_start: start from the live snapshot's head (same kind and sizes).
         factory: FAISS factory (default: the live snapshot's, else Flat).
         feedback: train on the feedback events too (see :func:`fit_from_catalog`).
     """
-    data = DataDir(data_dir)
-    if not data.catalog_path.exists():
-        raise FailedPrecondition(f"no catalog in {data.root}: run `xmodal index CORPUS --data {data_dir}` first")
-    catalog = Catalog(data.catalog_path)
-    encoder = catalog.get_meta("encoder")
-    store = BaseStore(data.base, catalog)
+    data, catalog, store = open_data_dir(data_dir)
     current = data.current_id()
     live = Snapshot(data.snapshots / current) if current else None
     start = live.head if (warm_start and live is not None and live.head.kind == config.kind) else None
-    head, report, metrics = fit_from_catalog(catalog, store, config, label_field=label_field, warm_start=start,
-                                             progress=progress, feedback=feedback)
-    manifest = write_snapshot(data, catalog, store, head, encoder=encoder,
-                              factory=factory or (live.manifest["faiss_factory"] if live else DEFAULT_FACTORY),
-                              parent_id=current, metrics=metrics)
-    return manifest, report
+    return write_fitted(data, catalog, store, config, encoder=catalog.get_meta("encoder") or "",
+                        factory=factory or (live.manifest.faiss_factory if live else DEFAULT_FACTORY),
+                        parent_id=current, label_field=label_field, warm_start=start, progress=progress,
+                        feedback=feedback)
 
 
 EVAL_KINDS = ("identity", "pca", "linear", "mlp", "shared")
@@ -113,16 +230,12 @@ def compare_heads(data_dir: str | Path, *, kinds=EVAL_KINDS, split: str = "test"
         {"split", "pairs", "results": {kind: {"text_to_image": {...}, "image_to_text": {...},
         "fit_seconds": s, "epochs": n}}}
     """
-    data = DataDir(data_dir)
-    if not data.catalog_path.exists():
-        raise FailedPrecondition(f"no catalog in {data.root}: run `xmodal index CORPUS --data {data_dir}` first")
-    catalog = Catalog(data.catalog_path)
-    store = BaseStore(data.base, catalog)
-    vectors = {m: store.load(m) for m in (IMAGE, TEXT)}
+    _, catalog, store = open_data_dir(data_dir)
+    vectors = load_vectors(store)
     base = base or FitConfig()
     results = {}
     for kind in kinds:
-        config = FitConfig(**{**base.__dict__, "kind": kind})
+        config = replace(base, kind=kind)
         head, report, _ = fit_from_catalog(catalog, store, config, label_field=label_field, progress=progress,
                                            vectors=vectors, feedback=False)
         results[kind] = {**held_out_metrics(catalog, vectors, head, split), "fit_seconds": report.seconds,

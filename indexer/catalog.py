@@ -1,7 +1,9 @@
 """The catalog: one SQLite database (WAL) per data directory, the source of truth.
 
-Tables: items, pairs, snapshots, meta. Every write is one transaction, so a crash
-leaves either the old or the new state. Connections are per thread.
+Tables: items, pairs, snapshots, meta. Other parts keep their own tables in the same
+database through :meth:`Catalog.ensure_schema`: feedback events
+(xmodal.indexer.feedback.FeedbackLog) and refit runs (xmodal.server.runs.RefitRuns).
+Every write is one transaction, so a crash leaves either the old or the new state. Connections are per thread.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .corpus import IMAGE, MODALITIES, TEXT, CorpusItem, CorpusPair
 from .errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 SCHEMA_VERSION = 1
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test
@@ -40,33 +45,6 @@ CREATE TABLE IF NOT EXISTS pairs (
     text_id TEXT NOT NULL REFERENCES items(id),
     split TEXT NOT NULL CHECK (split IN ('train', 'val', 'test')),
     PRIMARY KEY (image_id, text_id)
-);
-CREATE TABLE IF NOT EXISTS feedback (
-    id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    query_kind TEXT NOT NULL CHECK (query_kind IN ('text', 'image', 'item_id')),
-    query_modality TEXT NOT NULL CHECK (query_modality IN ('image', 'text')),
-    query_text TEXT NOT NULL DEFAULT '',   -- the text, or the item id for item_id queries
-    query_embedding BLOB NOT NULL,         -- the query's base embedding, float32
-    relevant TEXT NOT NULL,                -- JSON list of item ids
-    irrelevant TEXT NOT NULL DEFAULT '[]', -- JSON list of item ids
-    weight REAL NOT NULL,
-    source TEXT NOT NULL DEFAULT '',
-    split TEXT NOT NULL CHECK (split IN ('train', 'val'))
-);
-CREATE INDEX IF NOT EXISTS feedback_created ON feedback (created_at);
-CREATE TABLE IF NOT EXISTS refit_runs (
-    id TEXT PRIMARY KEY,
-    mode TEXT NOT NULL,
-    state TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    parent_id TEXT,
-    snapshot_id TEXT,
-    before TEXT NOT NULL DEFAULT '{}',
-    after TEXT NOT NULL DEFAULT '{}',
-    message TEXT NOT NULL DEFAULT '',
-    feedback_events INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY,
@@ -110,8 +88,12 @@ class Catalog:
             self._local.conn = conn
         return conn
 
-    def tx(self):
+    def tx(self) -> "_Transaction":
         return _Transaction(self.db())
+
+    def ensure_schema(self, sql: str) -> None:
+        """Create the tables another part owns (idempotent: CREATE ... IF NOT EXISTS)."""
+        self.db().executescript(sql)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -239,67 +221,11 @@ class Catalog:
                 self._rows_by_id("id, modality, text, source, metadata, content_hash", ids)}
 
     # -- snapshots --------------------------------------------------------------------
-    def record_snapshot(self, manifest: dict) -> None:
+    def record_snapshot(self, manifest: "Manifest") -> None:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO snapshots (id, created_at, parent_id, manifest) VALUES (?, ?, ?, ?)",
-                       (manifest["id"], manifest["created_at"], manifest.get("parent_id"), json.dumps(manifest)))
+                       (manifest.id, manifest.created_at, manifest.parent_id, json.dumps(manifest.to_dict())))
 
-
-    # -- feedback ---------------------------------------------------------------------
-    def add_feedback(self, *, feedback_id: str, query_kind: str, query_modality: str, query_text: str,
-                     embedding, relevant: Sequence[str], irrelevant: Sequence[str], weight: float,
-                     source: str, split: str) -> None:
-        """Store one feedback event; durable (WAL, synchronous=FULL) when this returns."""
-        import numpy as np
-
-        blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
-        with self.tx() as db:
-            db.execute(
-                "INSERT INTO feedback (id, created_at, query_kind, query_modality, query_text, query_embedding, "
-                "relevant, irrelevant, weight, source, split) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (feedback_id, time.time(), query_kind, query_modality, query_text, blob, json.dumps(list(relevant)),
-                 json.dumps(list(irrelevant)), float(weight), source, split))
-
-    def feedback(self) -> list[sqlite3.Row]:
-        return self.db().execute("SELECT * FROM feedback ORDER BY created_at, id").fetchall()
-
-    def feedback_ids(self) -> set[str]:
-        return {r[0] for r in self.db().execute("SELECT id FROM feedback")}
-
-    def count_feedback(self, since: float | None = None) -> int:
-        if since is None:
-            return self.db().execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
-        return self.db().execute("SELECT COUNT(*) FROM feedback WHERE created_at > ?", (since,)).fetchone()[0]
-
-    # -- refit runs -----------------------------------------------------------------------
-    def start_run(self, run_id: str, mode: str, parent_id: str | None) -> None:
-        with self.tx() as db:
-            db.execute("INSERT INTO refit_runs (id, mode, state, started_at, parent_id) VALUES (?, ?, 'running', ?, ?)",
-                       (run_id, mode, time.time(), parent_id))
-
-    def finish_run(self, run_id: str, *, state: str, mode: str, snapshot_id: str | None = None,
-                   before: dict | None = None, after: dict | None = None, message: str = "",
-                   feedback_events: int = 0) -> None:
-        with self.tx() as db:
-            db.execute("UPDATE refit_runs SET state=?, mode=?, finished_at=?, snapshot_id=?, before=?, after=?, "
-                       "message=?, feedback_events=? WHERE id=?",
-                       (state, mode, time.time(), snapshot_id, json.dumps(before or {}), json.dumps(after or {}),
-                        message, feedback_events, run_id))
-
-    def runs(self, limit: int = 10) -> list[sqlite3.Row]:
-        return self.db().execute("SELECT * FROM refit_runs ORDER BY started_at DESC LIMIT ?", (limit,)).fetchall()
-
-    def interrupt_running_runs(self) -> list[str]:
-        """Mark runs left 'running' by a crash as 'interrupted'; returns their ids."""
-        with self.tx() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM refit_runs WHERE state = 'running'")]
-            db.execute("UPDATE refit_runs SET state='interrupted', finished_at=?, "
-                       "message='the server stopped before the run finished' WHERE state='running'", (time.time(),))
-        return ids
-
-    def last_run_started(self) -> float | None:
-        row = self.db().execute("SELECT MAX(started_at) FROM refit_runs").fetchone()
-        return row[0]
 
     def item_rows(self, ids: Sequence[str]) -> dict[str, tuple[str, int | None, int | None]]:
         """id -> (modality, shard, row) for the given ids that exist."""

@@ -11,16 +11,69 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
+import time
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from .catalog import Catalog, text_hash
 from .corpus import IMAGE, TEXT
 from .evaluate import retrieval_metrics
-from .train import PairSet, item_key, row_index
-
+from .heads import Head
+from .train import PairSet, item_key
+from .vectors import Vectors, other_modality
 
 FEEDBACK_VAL_FRACTION = 0.2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    query_kind TEXT NOT NULL CHECK (query_kind IN ('text', 'image', 'item_id')),
+    query_modality TEXT NOT NULL CHECK (query_modality IN ('image', 'text')),
+    query_text TEXT NOT NULL DEFAULT '',   -- the text, or the item id for item_id queries
+    query_embedding BLOB NOT NULL,         -- the query's base embedding, float32
+    relevant TEXT NOT NULL,                -- JSON list of item ids
+    irrelevant TEXT NOT NULL DEFAULT '[]', -- JSON list of item ids
+    weight REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT '',
+    split TEXT NOT NULL CHECK (split IN ('train', 'val'))
+);
+CREATE INDEX IF NOT EXISTS feedback_created ON feedback (created_at);
+"""
+
+
+class FeedbackLog:
+    """The feedback events of a catalog: written by the server, read by every fit."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        catalog.ensure_schema(_SCHEMA)
+
+    def add(self, *, feedback_id: str, query_kind: str, query_modality: str, query_text: str,
+            embedding: np.ndarray, relevant: Sequence[str], irrelevant: Sequence[str], weight: float,
+            source: str, split: str) -> None:
+        """Store one feedback event; durable (WAL, synchronous=FULL) when this returns."""
+        blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
+        with self.catalog.tx() as db:
+            db.execute(
+                "INSERT INTO feedback (id, created_at, query_kind, query_modality, query_text, query_embedding, "
+                "relevant, irrelevant, weight, source, split) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (feedback_id, time.time(), query_kind, query_modality, query_text, blob, json.dumps(list(relevant)),
+                 json.dumps(list(irrelevant)), float(weight), source, split))
+
+    def events(self) -> list[sqlite3.Row]:
+        return self.catalog.db().execute("SELECT * FROM feedback ORDER BY created_at, id").fetchall()
+
+    def ids(self) -> set[str]:
+        return {r[0] for r in self.catalog.db().execute("SELECT id FROM feedback")}
+
+    def count(self, since: float | None = None) -> int:
+        db = self.catalog.db()
+        if since is None:
+            return db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM feedback WHERE created_at > ?", (since,)).fetchone()[0]
 
 
 def feedback_split(query_key: str, val_fraction: float = FEEDBACK_VAL_FRACTION) -> str:
@@ -54,11 +107,11 @@ def event_query_key(event) -> str:
 
 def split_events(catalog: Catalog) -> tuple[list, list]:
     """(training slice, held-out slice) of the catalog's feedback events."""
-    events = catalog.feedback()
+    events = FeedbackLog(catalog).events()
     return [e for e in events if e["split"] == "train"], [e for e in events if e["split"] == "val"]
 
 
-def feedback_pairs(catalog: Catalog, events, vectors: dict,
+def feedback_pairs(catalog: Catalog, events, vectors: Vectors,
                    weight_scale: float = 1.0) -> tuple[PairSet | None, str | None]:
     """Feedback events -> (image, text) pairs of base vectors, and the queries' main modality.
 
@@ -71,11 +124,10 @@ def feedback_pairs(catalog: Catalog, events, vectors: dict,
 
     Args:
         events: feedback rows of the catalog (usually one slice of them).
-        vectors: {modality: (ids, base vectors)} of the store.
+        vectors: the store's base vectors.
         weight_scale: multiplies each event's own weight.
     """
     text_hashes = _text_hashes(catalog, events)
-    rows = row_index(vectors)
     image, text, ikeys, tkeys, weights, modality_counts = [], [], [], [], [], {IMAGE: 0, TEXT: 0}
     hard, hard_rows, hard_is_image = [], [], []
 
@@ -84,7 +136,8 @@ def feedback_pairs(catalog: Catalog, events, vectors: dict,
 
     for event in events:
         query_modality = event["query_modality"]
-        other = TEXT if query_modality == IMAGE else IMAGE
+        other = other_modality(query_modality)
+        gallery = vectors[other]
         query = np.frombuffer(event["query_embedding"], dtype=np.float32)
         if event["query_kind"] == "item_id":
             query_key = key_of(query_modality, event["query_text"])
@@ -92,11 +145,11 @@ def feedback_pairs(catalog: Catalog, events, vectors: dict,
             query_key = item_key("text", text_hash(event["query_text"]))
         else:
             query_key = item_key("query-image", event["id"])
-        relevant = [i for i in json.loads(event["relevant"]) if i in rows[other]]
-        wrong = [rows[other][i] for i in dict.fromkeys(json.loads(event["irrelevant"] or "[]"))
-                 if i in rows[other] and i not in relevant]
+        relevant = [i for i in json.loads(event["relevant"]) if i in gallery.rows]
+        wrong = [gallery.rows[i] for i in dict.fromkeys(json.loads(event["irrelevant"] or "[]"))
+                 if i in gallery.rows and i not in relevant]
         for item in relevant:
-            target = vectors[other][1][rows[other][item]]
+            target = gallery.array[gallery.rows[item]]
             modality_counts[query_modality] += 1
             if query_modality == TEXT:
                 image.append(target), text.append(query)
@@ -106,7 +159,7 @@ def feedback_pairs(catalog: Catalog, events, vectors: dict,
                 ikeys.append(query_key), tkeys.append(key_of(TEXT, item))
             weights.append(event["weight"] * weight_scale)
             for row in wrong:
-                hard.append(vectors[other][1][row])
+                hard.append(gallery.array[row])
                 hard_rows.append(len(image) - 1)
                 hard_is_image.append(other == IMAGE)
     if not image:
@@ -131,26 +184,31 @@ def _text_hashes(catalog: Catalog, events) -> dict[str, str]:
     return {i: r["content_hash"] for i, r in rows.items() if r["modality"] == TEXT}
 
 
-def held_out_queries(events, vectors: dict) -> list[tuple[str, np.ndarray, set[int]]]:
+class HeldOutQuery(NamedTuple):
+    modality: str            # of the query
+    embedding: np.ndarray    # its base embedding
+    relevant: set[int]       # gallery rows of every item any user confirmed for it
+
+
+def held_out_queries(events, vectors: Vectors) -> list[HeldOutQuery]:
     """The distinct held-out queries as (query modality, base embedding, rows of every item
     any user confirmed for that query in the relevant items' modality). Built once per fit;
     :func:`feedback_recall` scores them every epoch."""
-    rows = row_index(vectors)
-    queries: dict[str, tuple[str, np.ndarray, set[int]]] = {}
+    queries: dict[str, HeldOutQuery] = {}
     for event in events:
         modality = event["query_modality"]
-        other = TEXT if modality == IMAGE else IMAGE
-        right = {rows[other][i] for i in json.loads(event["relevant"]) if i in rows[other]}
+        gallery = vectors[other_modality(modality)]
+        right = {gallery.rows[i] for i in json.loads(event["relevant"]) if i in gallery.rows}
         if not right:
             continue
         key = event_query_key(event)
         if key not in queries:
-            queries[key] = (modality, np.frombuffer(event["query_embedding"], np.float32), set())
-        queries[key][2].update(right)
+            queries[key] = HeldOutQuery(modality, np.frombuffer(event["query_embedding"], np.float32), set())
+        queries[key].relevant.update(right)
     return list(queries.values())
 
 
-def feedback_recall(head, queries: list, vectors: dict, k: int = 10) -> float | None:
+def feedback_recall(head: Head, queries: list[HeldOutQuery], vectors: Vectors, k: int = 10) -> float | None:
     """Recall@k of the held-out feedback queries (from :func:`held_out_queries`): each one
     (through its query adapter) against the whole gallery of its relevant items' modality.
     The right answers of a query are every item any user confirmed for it (a vague query
@@ -159,17 +217,17 @@ def feedback_recall(head, queries: list, vectors: dict, k: int = 10) -> float | 
         return None
     hits, total = 0.0, 0
     for modality in (IMAGE, TEXT):
-        chosen = [q for q in queries if q[0] == modality]
-        other = TEXT if modality == IMAGE else IMAGE
-        if not chosen or not len(vectors[other][0]):
+        chosen = [q for q in queries if q.modality == modality]
+        other = other_modality(modality)
+        if not chosen or not len(vectors[other]):
             continue
-        gallery = head.project(other, vectors[other][1])
-        projected = head.project(modality, np.stack([q[1] for q in chosen]), query=True)
-        result = retrieval_metrics(projected, gallery, [q[2] for q in chosen], ks=(k,))
+        gallery = head.project(other, vectors[other].array)
+        projected = head.project(modality, np.stack([q.embedding for q in chosen]), query=True)
+        result = retrieval_metrics(projected, gallery, [q.relevant for q in chosen], ks=(k,))
         hits += result[f"recall@{k}"] * len(chosen)
         total += len(chosen)
     return hits / total if total else None
 
 
-__all__ = ["FEEDBACK_VAL_FRACTION", "event_query_key", "feedback_pairs", "feedback_query_key",
+__all__ = ["FEEDBACK_VAL_FRACTION", "FeedbackLog", "HeldOutQuery", "event_query_key", "feedback_pairs", "feedback_query_key",
            "feedback_recall", "feedback_split", "held_out_queries", "split_events"]

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .adapt import write_fitted
 from .catalog import Catalog, text_hash
-from .corpus import IMAGE, TEXT, read_corpus
+from .corpus import IMAGE, TEXT, Corpus, read_corpus
 from .encoder import Encoder
 from .errors import InvalidArgument, XmodalError
-from .adapt import fit_from_catalog
-from .heads import DEFAULT_HEAD
 from .images import decode_image
-from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot, write_snapshot
+from .manifest import Manifest
+from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot
 from .store import BaseStore
 from .train import FitConfig
 
@@ -44,7 +44,7 @@ class IndexReport:
     embedded: dict = field(default_factory=lambda: {IMAGE: 0, TEXT: 0})
     failed: list = field(default_factory=list)  # (item id, reason) of images skipped
     removed_debris: list = field(default_factory=list)
-    snapshot: dict | None = None
+    snapshot: Manifest | None = None
     snapshot_written: bool = False
     notes: list = field(default_factory=list)
     seconds: float = 0.0
@@ -67,10 +67,10 @@ class IndexReport:
         lines.extend(self.notes)
         if self.snapshot:
             verb = "wrote" if self.snapshot_written else "up to date:"
-            counts = self.snapshot["counts"]
-            lines.append(f"{verb} snapshot {self.snapshot['id']} ({self.snapshot['head']['kind']} head, "
-                         f"{counts[IMAGE]} images, {counts[TEXT]} texts, {self.snapshot['faiss_factory']})")
-            metrics = self.snapshot.get("metrics") or {}
+            counts = self.snapshot.counts
+            lines.append(f"{verb} snapshot {self.snapshot.id} ({self.snapshot.head_kind} head, "
+                         f"{counts[IMAGE]} images, {counts[TEXT]} texts, {self.snapshot.faiss_factory})")
+            metrics = self.snapshot.metrics
             for name, label in (("zero_shot", "zero-shot"), ("adapted", "adapted ")):
                 for direction, m in sorted(metrics.get(name, {}).items(), reverse=True):
                     lines.append(f"  {label} {direction.replace('_to_', '->')} on {m['queries']} held-out queries: "
@@ -103,6 +103,23 @@ def _batches(seq: list, size: int) -> Iterator[list]:
         yield seq[start:start + size]
 
 
+@dataclass(kw_only=True)
+class IndexOptions:
+    """How ``xmodal index`` embeds a corpus. Validated on creation."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE    # encoder batch size
+    shard_size: int = DEFAULT_SHARD_SIZE    # items per base shard (and per crash-safe commit)
+    workers: int | None = None              # image decoding threads (default: cores, at most 4)
+    factory: str = DEFAULT_FACTORY          # FAISS index factory string (inner product)
+    progress: bool = True                   # progress bars on stderr
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise InvalidArgument("batch_size and shard_size must be at least 1")
+        if self.workers is not None and self.workers < 1:
+            raise InvalidArgument(f"workers must be at least 1, got {self.workers}")
+
+
 def index_corpus(
     corpus: str | Path,
     data_dir: str | Path,
@@ -126,113 +143,145 @@ def index_corpus(
             too few train pairs for a trained kind, an identity head is written and the
             report says why.
         label_field: metadata field holding a class label (for label-aware losses).
-        batch_size: encoder batch size.
-        shard_size: items per base shard (and per crash-safe commit).
-        workers: image decoding threads (default: cores, at most 4).
-        factory: FAISS index factory string (inner product).
-        progress: show progress bars on stderr.
+        batch_size, shard_size, workers, factory, progress: see :class:`IndexOptions`.
 
     Raises:
         CorpusError: unreadable corpus. FailedPrecondition: another encoder built this
         directory. InvalidArgument: bad options.
     """
-    if batch_size < 1 or shard_size < 1:
-        raise InvalidArgument("batch_size and shard_size must be at least 1")
+    options = IndexOptions(batch_size=batch_size, shard_size=shard_size, workers=workers, factory=factory,
+                           progress=progress)
     started = time.perf_counter()
-    report = IndexReport()
     parsed = read_corpus(corpus)
-    data = DataDir(data_dir)
-    data.root.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog(data.catalog_path)
-    store = BaseStore(data.base, catalog)
-    head = head or FitConfig(kind=DEFAULT_HEAD)
-    report.removed_debris = [str(p) for p in store.clean() + data.clean()]
-    catalog.bind_encoder(encoder.identity, model=encoder.spec.requested[0], pretrained=encoder.spec.requested[1])
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    run = _IndexRun(DataDir(data_dir), encoder, options)
+    try:
+        with ThreadPoolExecutor(max_workers=options.workers or max(1, min(4, os.cpu_count() or 1)),
+                                thread_name_prefix="xmodal-decode") as pool:
+            run.register(parsed, pool)
+            run.embed_texts()
+            run.embed_images(pool)
+        run.write_snapshot(head or FitConfig(), label_field)
+    finally:
+        run.catalog.close()
+    run.report.seconds = time.perf_counter() - started
+    return run.report
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xmodal-decode") as pool:
+
+class _IndexRun:
+    """One run of :func:`index_corpus`, step by step, filling its report."""
+
+    def __init__(self, data: DataDir, encoder: Encoder, options: IndexOptions):
+        data.root.mkdir(parents=True, exist_ok=True)
+        self.data, self.encoder, self.options = data, encoder, options
+        self.catalog = Catalog(data.catalog_path)
+        self.store = BaseStore(data.base, self.catalog)
+        self.report = IndexReport()
+        self.report.removed_debris = [str(p) for p in self.store.clean() + data.clean()]
+        self.catalog.bind_encoder(encoder.identity, model=encoder.spec.requested[0],
+                                  pretrained=encoder.spec.requested[1])
+
+    def _bar(self, total: int, desc: str, unit: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.options.progress, file=sys.stderr)
+
+    def register(self, parsed: Corpus, pool: ThreadPoolExecutor) -> None:
+        """Catalog rows for every item (keyed by id and content hash) and every pair."""
         hashes = list(pool.map(
             lambda item: _hash_file(item.source) if item.modality == IMAGE else text_hash(item.text),
             parsed.items))
-        report.items = catalog.upsert_items(zip(parsed.items, hashes))
-        report.pairs_added = catalog.add_pairs(parsed.pairs)
+        self.report.items = self.catalog.upsert_items(zip(parsed.items, hashes))
+        self.report.pairs_added = self.catalog.add_pairs(parsed.pairs)
 
-        texts = catalog.pending(TEXT)
-        with tqdm(total=len(texts), desc="encoding texts", unit="text", disable=not progress, file=sys.stderr) as bar:
-            for chunk in _batches(texts, shard_size):
-                vectors = [encoder.encode_texts([r["text"] for r in batch]) for batch in _batches(chunk, batch_size)]
-                for batch in _batches(chunk, batch_size):
-                    bar.update(len(batch))
-                store.append(TEXT, [r["id"] for r in chunk], np.concatenate(vectors))
-                report.embedded[TEXT] += len(chunk)
-
-        images = catalog.pending(IMAGE)
-        image_started = time.perf_counter()
-
-        def prepare(row):
-            try:
-                with open(row["source"], "rb") as handle:
-                    data_bytes = handle.read()
-                return row["id"], encoder.image_tensor(decode_image(data_bytes)), None
-            except OSError as exc:
-                return row["id"], None, f"cannot read {row['source']}: {exc.strerror or exc}"
-            except XmodalError as exc:
-                return row["id"], None, str(exc)
-
-        with tqdm(total=len(images), desc="encoding images", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for chunk in _batches(images, shard_size):
-                ids: list[str] = []
+    def embed_texts(self) -> None:
+        """Encode the texts without a base vector, one committed shard at a time."""
+        texts = self.catalog.pending(TEXT)
+        batch_size = self.options.batch_size
+        with self._bar(len(texts), "encoding texts", "text") as bar:
+            for chunk in _batches(texts, self.options.shard_size):
                 vectors = []
-                failures: dict[str, str] = {}
-                batch_ids: list[str] = []
-                batch_tensors: list[torch.Tensor] = []
-                for item_id, tensor, error in _bounded_map(pool, prepare, chunk, depth=batch_size * 2):
-                    if error is not None:
-                        failures[item_id] = error
-                        bar.update(1)
-                        continue
-                    batch_ids.append(item_id)
-                    batch_tensors.append(tensor)
-                    if len(batch_tensors) == batch_size:
-                        vectors.append(encoder.encode_image_tensors(torch.stack(batch_tensors)))
-                        ids += batch_ids
-                        bar.update(len(batch_ids))
-                        batch_ids, batch_tensors = [], []
-                if batch_tensors:
-                    vectors.append(encoder.encode_image_tensors(torch.stack(batch_tensors)))
-                    ids += batch_ids
-                    bar.update(len(batch_ids))
-                if failures:
-                    catalog.set_failed(failures)
+                for batch in _batches(chunk, batch_size):
+                    vectors.append(self.encoder.encode_texts([r["text"] for r in batch]))
+                    bar.update(len(batch))
+                self.store.append(TEXT, [r["id"] for r in chunk], np.concatenate(vectors))
+                self.report.embedded[TEXT] += len(chunk)
+
+    def _prepare(self, row) -> tuple[str, torch.Tensor | None, str | None]:
+        """Read and preprocess one image (in a worker thread): (id, tensor, error)."""
+        try:
+            with open(row["source"], "rb") as handle:
+                data_bytes = handle.read()
+            return row["id"], self.encoder.image_tensor(decode_image(data_bytes)), None
+        except OSError as exc:
+            return row["id"], None, f"cannot read {row['source']}: {exc.strerror or exc}"
+        except XmodalError as exc:
+            return row["id"], None, str(exc)
+
+    def embed_images(self, pool: ThreadPoolExecutor) -> None:
+        """Decode images in ``pool`` while the encoder runs batches; one shard per chunk."""
+        images = self.catalog.pending(IMAGE)
+        started = time.perf_counter()
+        with self._bar(len(images), "encoding images", "img") as bar:
+            for chunk in _batches(images, self.options.shard_size):
+                ids, vectors = self._embed_image_chunk(chunk, pool, bar)
                 if ids:
-                    store.append(IMAGE, ids, np.concatenate(vectors))
-                report.embedded[IMAGE] += len(ids)
-        report.image_seconds = time.perf_counter() - image_started
+                    self.store.append(IMAGE, ids, np.concatenate(vectors))
+                self.report.embedded[IMAGE] += len(ids)
+        self.report.image_seconds = time.perf_counter() - started
+        self.report.failed = self.catalog.failed(IMAGE)
 
-    report.failed = catalog.failed(IMAGE)
-    changed = report.embedded[IMAGE] or report.embedded[TEXT] or report.items.get("changed") or report.pairs_added
-    current = data.current_id()
-    live = Snapshot(data.snapshots / current) if current else None
-    if live is not None and not changed and live.manifest["head"]["kind"] == head.kind \
-            and live.manifest["faiss_factory"] == factory and live.encoder == encoder.identity:
-        report.snapshot = live.manifest
-    else:
-        config = head
-        train_pairs = catalog.count_pairs()["train"]
+    def _embed_image_chunk(self, chunk: list, pool: ThreadPoolExecutor, bar: tqdm) -> tuple[list[str], list]:
+        """Encode one shard's worth of images; failures are recorded in the catalog."""
+        ids: list[str] = []
+        vectors: list[np.ndarray] = []
+        failures: dict[str, str] = {}
+        batch_ids: list[str] = []
+        batch: list[torch.Tensor] = []
+        prepared = _bounded_map(pool, self._prepare, chunk, depth=self.options.batch_size * 2)
+        for item_id, tensor, error in prepared:
+            if error is not None:
+                failures[item_id] = error
+                bar.update(1)
+                continue
+            batch_ids.append(item_id)
+            batch.append(tensor)
+            if len(batch) == self.options.batch_size:
+                vectors.append(self.encoder.encode_image_tensors(torch.stack(batch)))
+                ids += batch_ids
+                bar.update(len(batch_ids))
+                batch_ids, batch = [], []
+        if batch:
+            vectors.append(self.encoder.encode_image_tensors(torch.stack(batch)))
+            ids += batch_ids
+            bar.update(len(batch_ids))
+        if failures:
+            self.catalog.set_failed(failures)
+        return ids, vectors
+
+    def _up_to_date(self, live: Snapshot | None, config: FitConfig) -> bool:
+        """Nothing changed since ``live`` was written with the same head kind and index."""
+        report = self.report
+        changed = report.embedded[IMAGE] or report.embedded[TEXT] or report.items.get("changed") or report.pairs_added
+        return (live is not None and not changed and live.manifest.head_kind == config.kind
+                and live.manifest.faiss_factory == self.options.factory and live.encoder == self.encoder.identity)
+
+    def write_snapshot(self, config: FitConfig, label_field: str | None) -> None:
+        """Fit a head (an identity one while there are too few pairs) and write the snapshot,
+        unless the live one is still up to date."""
+        current = self.data.current_id()
+        live = Snapshot(self.data.snapshots / current) if current else None
+        if self._up_to_date(live, config):
+            self.report.snapshot = live.manifest if live else None
+            return
+        train_pairs = self.catalog.count_pairs()["train"]
         if config.kind != "identity" and train_pairs < config.min_pairs:
-            report.notes.append(f"only {train_pairs} train pairs (a {config.kind} head needs {config.min_pairs}): "
-                                "wrote an identity (zero-shot) head; add pairs and run `xmodal fit`")
+            self.report.notes.append(f"only {train_pairs} train pairs (a {config.kind} head needs {config.min_pairs}): "
+                                     "wrote an identity (zero-shot) head; add pairs and run `xmodal fit`")
             config = FitConfig(kind="identity")
-        fitted, fit_report, metrics = fit_from_catalog(catalog, store, config, label_field=label_field,
-                                                       progress=progress)
-        if fitted.kind != "identity":
-            report.notes.append(fit_report.summary())
-        if metrics.get("feedback_pairs"):
-            report.notes.append(f"the head also trained on {metrics['feedback_pairs']} feedback pairs")
-        report.snapshot = write_snapshot(data, catalog, store, fitted, encoder=encoder.identity, factory=factory,
-                                         parent_id=current, metrics=metrics)
-        report.snapshot_written = True
-    report.seconds = time.perf_counter() - started
-    catalog.close()
-    return report
-
+        manifest, fit_report = write_fitted(self.data, self.catalog, self.store, config, encoder=self.encoder.identity,
+                                            factory=self.options.factory, parent_id=current, label_field=label_field,
+                                            progress=self.options.progress)
+        if config.kind != "identity":
+            self.report.notes.append(fit_report.summary())
+        if manifest.metrics.get("feedback_pairs"):
+            self.report.notes.append(f"the head also trained on {manifest.metrics['feedback_pairs']} feedback pairs")
+        self.report.snapshot = manifest
+        self.report.snapshot_written = True

@@ -18,6 +18,7 @@ from xmodal.indexer import world
 from xmodal.indexer.catalog import Catalog
 from xmodal.indexer.encoder import DEMO_MODEL, load_encoder
 from xmodal.indexer.heads import Head
+from xmodal.indexer.manifest import Manifest
 from xmodal.indexer.pipeline import index_corpus
 from xmodal.indexer.snapshot import DataDir, Snapshot, write_snapshot
 from xmodal.indexer.store import BaseStore
@@ -31,13 +32,13 @@ def _zero_shot_snapshot(data: DataDir, encoder_identity: str) -> str:
     """The id of an identity-head snapshot of the current data (written once, not made current)."""
     current = Snapshot(data.snapshots / data.current_id())
     for snapshot_id in reversed(data.snapshot_ids()):
-        manifest = json.loads((data.snapshots / snapshot_id / "manifest.json").read_text())
-        if manifest["head"]["kind"] == "identity" and manifest["counts"] == current.manifest["counts"]:
+        manifest = Manifest.read(data.snapshots / snapshot_id)
+        if manifest.head_kind == "identity" and manifest.counts == current.manifest.counts:
             return snapshot_id
     catalog = Catalog(data.catalog_path)
     manifest = write_snapshot(data, catalog, BaseStore(data.base, catalog), Head("identity", current.head.dim_in),
                               encoder=encoder_identity, make_current=False)
-    return manifest["id"]
+    return manifest.id
 
 
 def _captions(corpus: Path) -> dict[str, str]:
@@ -96,7 +97,7 @@ def run_demo(*, data: str = "demo-data", port: int = 50051, once: bool = False, 
         print(f"image -> text with the picture of {image_id} (caption: {captions[image_id]!r}):")
         for hit in result.hits:
             print(f"  {hit.rank}. {hit.score:+.3f} {hit.text}")
-    metrics = adapted.snapshot.manifest["metrics"]
+    metrics = adapted.snapshot.manifest.metrics
     print("\n'=' marks an image whose own caption is the query (identical captions count too).")
     if "adapted" in metrics:
         zs, ad = metrics["zero_shot"]["text_to_image"], metrics["adapted"]["text_to_image"]

@@ -25,17 +25,21 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from xmodal.indexer.corpus import IMAGE, TEXT
+from xmodal.indexer.adapt import FitResult, fit_pipeline
+from xmodal.indexer.corpus import MODALITIES
 from xmodal.indexer.errors import FailedPrecondition, InvalidArgument
-from xmodal.indexer.feedback import feedback_pairs, feedback_recall, held_out_queries, split_events
-from xmodal.indexer.snapshot import prune_snapshots, write_snapshot
-from xmodal.indexer.train import (FitConfig, PairSet, fit_head, fit_query_adapter, pairs_from_catalog, relevance,
-                                  validation_recall)
+from xmodal.indexer.feedback import FeedbackLog
+from xmodal.indexer.heads import TRAINABLE_KINDS
+from xmodal.indexer.manifest import Manifest
+from xmodal.indexer.snapshot import Snapshot, prune_snapshots, write_snapshot
+from xmodal.indexer.train import FitConfig
+from xmodal.indexer.vectors import Vectors, load_vectors
 
 from . import metrics
 from .engine import SearchEngine
+from .runs import RefitRuns
 
-log = logging.getLogger("xmodal.server")
+log = logging.getLogger(__name__)
 MODES = ("auto", "query", "full")
 
 
@@ -49,16 +53,16 @@ class RefitPolicy:
     max_seconds: float = 600.0           # wall-time cap of the training part of a run
     tolerance: float = 0.01              # how much worse than live a new head may validate
     feedback_weight: float = 1.0         # multiplies each event's own weight
-    hard_negative_weight: float = 4.0    # an irrelevant item counts as this many in-batch negatives
+    hard_negative_weight: float = FitConfig.hard_negative_weight  # an irrelevant item: this many negatives
     keep_snapshots: int = 10
     full_every: int = 10                 # in auto mode, a full refit after this many query ones
     epochs: int = 40
     batch_size: int = 64                 # small batches: feedback sets are small, steps matter
     patience: int = 10
-    lr: float = 2e-3                     # query adapters (zero-initialised, trained from scratch)
+    lr: float = FitConfig.lr             # query adapters (zero-initialised, trained from scratch)
     full_lr: float = 5e-4                # full refits: a lower rate, as they warm-start a trained head
-    min_pairs: int = 32
-    seed: int = 0
+    min_pairs: int = FitConfig.min_pairs
+    seed: int = FitConfig.seed
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -87,7 +91,9 @@ class Refitter:
         self._thread: threading.Thread | None = None
         self._scheduler: threading.Thread | None = None
         self._stop = threading.Event()
-        for run_id in engine.catalog.interrupt_running_runs():
+        self.runs = RefitRuns(engine.catalog)
+        self.feedback = FeedbackLog(engine.catalog)
+        for run_id in self.runs.interrupt_running():
             log.warning("refit run %s was interrupted by a restart; the previous snapshot stays live", run_id)
 
     @property
@@ -111,7 +117,7 @@ class Refitter:
                 raise FailedPrecondition(f"refit {self._running} is still running; at most one runs at a time")
             run_id = "refit-" + time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
             self._running = run_id
-            self.engine.catalog.start_run(run_id, mode, self.engine.snapshot.id)
+            self.runs.start(run_id, mode, self.engine.snapshot.id)
         self._thread = threading.Thread(target=self._run, args=(run_id, mode), name=f"xmodal-{run_id}", daemon=True)
         self._thread.start()
         return run_id
@@ -132,20 +138,24 @@ class Refitter:
             with self._lock:
                 self._running = None
                 self.progress = ""
-        self.engine.catalog.finish_run(run_id, **outcome)
+        self.runs.finish(run_id, **outcome)
         metrics.REFITS.labels(outcome["mode"], outcome["state"]).inc()
         metrics.REFIT_SECONDS.observe(time.perf_counter() - started)
         log.info("refit %s %s in %.1f s (%s)", run_id, outcome["state"], time.perf_counter() - started,
                  outcome.get("message", ""))
 
-    def _resolve_mode(self, mode: str, live, vectors: dict) -> str:
+    def _resolve_mode(self, mode: str, live: Snapshot, vectors: Vectors) -> str:
+        """``auto``: full when the corpus changed since ``live`` or after ``full_every``
+        stacked query refits, else query. A query refit of a changed corpus is refused."""
+        changed = {m: len(vectors[m]) for m in MODALITIES} != live.manifest.counts
+        if mode == "query" and changed:
+            raise FailedPrecondition("the corpus changed since the live snapshot was built: run a full refit")
         if mode != "auto":
             return mode
-        counts = {m: len(vectors[m][0]) for m in (IMAGE, TEXT)}
-        if counts != live.manifest["counts"]:
+        if changed:
             return "full"  # new items must be projected into the indexes
         stacked = 0
-        for row in self.engine.catalog.runs(limit=self.policy.full_every):
+        for row in self.runs.recent(limit=self.policy.full_every):
             if row["state"] != "promoted":
                 continue
             if row["mode"] == "full":
@@ -153,88 +163,59 @@ class Refitter:
             stacked += 1
         return "full" if stacked >= self.policy.full_every else "query"
 
+    def _config(self, live: Snapshot, mode: str) -> FitConfig:
+        """The live head's kind and width, the policy's training settings."""
+        policy = self.policy
+        return FitConfig(kind=live.head.kind if live.head.kind in TRAINABLE_KINDS else "mlp",
+                         hidden=int(live.head.options.get("hidden", FitConfig.hidden)), epochs=policy.epochs,
+                         max_seconds=policy.max_seconds, min_pairs=policy.min_pairs, seed=policy.seed,
+                         batch_size=policy.batch_size, patience=policy.patience,
+                         lr=policy.lr if mode == "query" else policy.full_lr,
+                         hard_negative_weight=policy.hard_negative_weight)
+
+    def _set_progress(self, step: str) -> None:
+        self.progress = step
+
     def _refit(self, run_id: str, mode: str) -> dict:
-        engine, policy = self.engine, self.policy
-        live = engine.snapshot
-        catalog = engine.catalog
+        """Fit through the one fit pipeline, guarded by the live head; promote if the gate
+        accepts. A full refit warm-starts from the live head (without query adapters)."""
+        live = self.engine.snapshot
+        if live is None:
+            raise FailedPrecondition("no snapshot is loaded: there is no head to refit yet")
         self.progress = "loading base vectors"
-        vectors = {m: engine.store.load(m) for m in (IMAGE, TEXT)}
+        vectors = load_vectors(self.engine.store)
         mode = self._resolve_mode(mode, live, vectors)
-        if mode == "query" and {m: len(vectors[m][0]) for m in (IMAGE, TEXT)} != live.manifest["counts"]:
-            raise FailedPrecondition("the corpus changed since the live snapshot was built: run a full refit")
-        train_events, val_events = split_events(catalog)
-        val_queries = held_out_queries(val_events, vectors)  # built once, scored every epoch
-        corpus_train = pairs_from_catalog(catalog, engine.store, "train", vectors=vectors)
-        corpus_val = pairs_from_catalog(catalog, engine.store, "val", vectors=vectors)
-        corpus_relevant = relevance(corpus_val)  # built once, scored every epoch
-        feedback_train, query_modality = feedback_pairs(catalog, train_events, vectors, policy.feedback_weight)
-        parts = [corpus_train] + ([feedback_train] if feedback_train is not None else [])
-        train = PairSet.concat(parts) if len(parts) > 1 else corpus_train
+        config = self._config(live, mode)
+        warm = live.head.without_query_adapters() if mode == "full" and live.head.kind == config.kind else None
+        result = fit_pipeline(self.engine.catalog, self.engine.store, config, guard=live.head,
+                              tolerance=self.policy.tolerance, query_adapter=mode == "query", warm_start=warm,
+                              feedback_weight=self.policy.feedback_weight, vectors=vectors,
+                              on_step=self._set_progress)
+        after = {**(result.after or {}), "fit": {k: v for k, v in asdict(result.report).items() if k != "curve"}}
+        common = {"mode": mode, "before": result.before, "after": after,
+                  "feedback_events": result.data.feedback_events}
+        if not result.decision.accepted:
+            return {**common, "state": "rejected", "message": result.decision.message}
+        manifest = self._promote(run_id, live, result, after, vectors, reuse_indexes=mode == "query")
+        return {**common, "state": "promoted", "snapshot_id": manifest.id, "message": f"promoted {manifest.id}"}
 
-        def figures(head) -> dict:
-            corpus = validation_recall(head, corpus_val, relevant=corpus_relevant) if len(corpus_val) else None
-            return {"corpus_val_recall@10": corpus,
-                    "feedback_val_recall@10": feedback_recall(head, val_queries, vectors)}
-
-        # One query more or less is not a regression: with n held-out queries the
-        # tolerance is at least 1/n, so tiny validation slices do not reject by chance.
-        self.progress = "validating the live head"
-        before = figures(live.head)
-        sizes = {"corpus_val_recall@10": len(corpus_val), "feedback_val_recall@10": len(val_queries)}
-
-        def worse_than_live(figs: dict) -> list[str]:
-            return [name for name in ("corpus_val_recall@10", "feedback_val_recall@10")
-                    if before[name] is not None and figs[name] is not None
-                    and figs[name] < before[name] - max(policy.tolerance, 1.0 / max(sizes[name], 1))]
-
-        def gate_score(head) -> float:
-            # Early stopping on the gate's own figures: a refit exists to learn what the
-            # corpus does not say, so corpus pairs alone would stop it before it starts.
-            # An epoch the gate would reject never counts as the best one, so the run
-            # returns the best head that can be promoted, not one that trades too much
-            # corpus quality for feedback.
-            figs = figures(head)
-            if worse_than_live(figs):
-                return -1.0
-            values = [v for v in figs.values() if v is not None]
-            return sum(values) / len(values) if values else 0.0
-        config = FitConfig(kind=live.head.kind if live.head.kind in ("linear", "mlp", "shared") else "mlp",
-                           hidden=int(live.head.options.get("hidden", 512)), epochs=policy.epochs,
-                           max_seconds=policy.max_seconds, min_pairs=policy.min_pairs, seed=policy.seed,
-                           batch_size=policy.batch_size, patience=policy.patience,
-                           lr=policy.lr if mode == "query" else policy.full_lr,
-                           hard_negative_weight=policy.hard_negative_weight)
-        self.progress = f"training ({mode} mode, {len(train)} pairs of which {len(train) - len(corpus_train)} feedback)"
-        warm = None
-        if mode == "query":
-            new_head, report = fit_query_adapter(live.head, query_modality or TEXT, train, None, config,
-                                                 score=gate_score)
-        else:
-            warm = live.head.without_query_adapters() if live.head.kind == config.kind else None
-            new_head, report = fit_head(train, None, config, warm_start=warm, score=gate_score)
-        self.progress = "validating"
-        after = {**figures(new_head), "fit": {k: v for k, v in asdict(report).items() if k != "curve"}}
-        worse = worse_than_live(after)
-        common = {"mode": mode, "before": before, "after": after, "feedback_events": len(train_events) + len(val_events)}
-        if report.best_epoch == 0 and (mode == "query" or warm is not None):
-            return {**common, "state": "rejected",
-                    "message": "no epoch validated better than the live head without falling below it beyond the "
-                               f"tolerance on either figure (tolerance {policy.tolerance}): nothing new to promote"}
-        if worse:
-            return {**common, "state": "rejected",
-                    "message": f"new head validates worse than live on {', '.join(worse)} (tolerance {policy.tolerance})"}
+    def _promote(self, run_id: str, live: Snapshot, result: FitResult, after: dict, vectors: Vectors, *,
+                 reuse_indexes: bool) -> Manifest:
+        """Write the snapshot (reusing the live indexes for a query refit), move CURRENT,
+        swap it in and prune old snapshots."""
         self.progress = "writing snapshot"
-        metrics = {"refit": {"run_id": run_id, "before": before, "after": after}}
-        manifest = write_snapshot(engine.data, catalog, engine.store, new_head, encoder=live.encoder,
-                                  factory=live.manifest["faiss_factory"], parent_id=live.id, metrics=metrics,
-                                  make_current=False, reuse_indexes_from=live.id if mode == "query" else None)
-        engine.data.set_current(manifest["id"])
+        engine = self.engine
+        manifest = write_snapshot(engine.data, engine.catalog, engine.store, result.head, encoder=live.encoder,
+                                  factory=live.manifest.faiss_factory, parent_id=live.id,
+                                  metrics={"refit": {"run_id": run_id, "before": result.before, "after": after}},
+                                  make_current=False, reuse_indexes_from=live.id if reuse_indexes else None,
+                                  vectors=vectors)
+        engine.data.set_current(manifest.id)
         engine.load_current()
-        removed = prune_snapshots(engine.data, policy.keep_snapshots)
+        removed = prune_snapshots(engine.data, self.policy.keep_snapshots)
         if removed:
-            log.info("removed %d old snapshot(s) beyond the last %d", len(removed), policy.keep_snapshots)
-        return {**common, "state": "promoted", "snapshot_id": manifest["id"],
-                "message": f"promoted {manifest['id']}"}
+            log.info("removed %d old snapshot(s) beyond the last %d", len(removed), self.policy.keep_snapshots)
+        return manifest
 
     # -- schedule --------------------------------------------------------------------------
     def schedule(self, check_every: float = 1.0) -> None:
@@ -255,8 +236,8 @@ class Refitter:
 
     def _due(self) -> bool:
         """Due on the timer (when there is new feedback to learn from) or on the count."""
-        last = self.engine.catalog.last_run_started()
-        new = self.engine.catalog.count_feedback(since=last)
+        last = self.runs.last_started()
+        new = self.feedback.count(since=last)
         if self.policy.interval_s is not None and new and (last is None or time.time() - last >= self.policy.interval_s):
             return True
         return self.policy.after_feedback is not None and new >= self.policy.after_feedback

@@ -16,8 +16,8 @@ from xmodal.indexer.snapshot import DataDir, load_current
 
 def test_index_fits_the_default_mlp_head(indexed):
     snapshot = load_current(DataDir(indexed))
-    assert snapshot.manifest["head"]["kind"] == "mlp"
-    metrics = snapshot.manifest["metrics"]
+    assert snapshot.manifest.head_kind == "mlp"
+    metrics = snapshot.manifest.metrics
     assert {"zero_shot", "adapted", "fit"} <= set(metrics)
     fit = metrics["fit"]
     assert fit["pairs"] > 250 and fit["val_best"] >= fit["val_before"]
@@ -32,7 +32,7 @@ def test_too_few_pairs_fall_back_to_identity_with_a_note(world_corpus, encoder, 
     (corpus / "captions.jsonl").write_text("\n".join(
         json.dumps({**json.loads(line), "image": str(world_corpus / json.loads(line)["image"])}) for line in lines) + "\n")
     report = index_corpus(corpus, tmp_path / "data", encoder, progress=False)
-    assert report.snapshot["head"]["kind"] == "identity"
+    assert report.snapshot.head_kind == "identity"
     assert "a mlp head needs 32" in report.summary() and "xmodal fit" in report.summary()
 
 
@@ -47,8 +47,8 @@ def test_fit_command_writes_a_new_current_snapshot(indexed, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "linear head:" in done.stdout and "made it current" in done.stdout
     snapshot = load_current(DataDir(data))
-    assert snapshot.id != before and snapshot.manifest["parent_id"] == before
-    assert snapshot.manifest["head"]["kind"] == "linear"
+    assert snapshot.id != before and snapshot.manifest.parent_id == before
+    assert snapshot.manifest.head_kind == "linear"
     # the indexes were rebuilt from the base store through the new head
     assert len(snapshot.indexes["image"]) == 400
     done = subprocess.run(xmodal_cmd("fit", "--data", str(tmp_path / "empty"), "--no-progress"),

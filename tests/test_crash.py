@@ -21,6 +21,7 @@ from conftest import xmodal_cmd
 from xmodal import client as xc
 from xmodal.indexer import world
 from xmodal.indexer.catalog import Catalog
+from xmodal.indexer.feedback import FeedbackLog
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.snapshot import DataDir, Snapshot
 from xmodal.indexer.store import BaseStore
@@ -45,7 +46,8 @@ def assert_store_consistent(data: Path) -> dict[str, int]:
     store = BaseStore(data / "base", catalog)
     counts = {}
     for modality in (IMAGE, TEXT):
-        ids, vectors = store.load(modality)  # raises if a referenced shard is missing or short
+        loaded = store.load(modality)  # raises if a referenced shard is missing or short
+        ids, vectors = loaded.ids, loaded.array
         assert len(ids) == len(set(ids)) == len(vectors)
         counts[modality] = len(ids)
     catalog.close()
@@ -74,7 +76,7 @@ def test_indexing_killed_at_random_points(tmp_path):
     assert Catalog(data / "catalog.sqlite").count_items() == {IMAGE: 1500, TEXT: 1500}
     assert assert_store_consistent(data) == {IMAGE: 1500, TEXT: 1500}
     snapshot = Snapshot(data / "snapshots" / DataDir(data).current_id())
-    assert snapshot.manifest["counts"] == {IMAGE: 1500, TEXT: 1500}
+    assert snapshot.manifest.counts == {IMAGE: 1500, TEXT: 1500}
 
 
 def start_server(data: Path, tmp_path: Path, *extra: str):
@@ -122,7 +124,7 @@ def test_feedback_under_concurrent_writes_killed_at_random_points(indexed, world
         stop.set()
         for thread in threads:
             thread.join()
-        stored = Catalog(data / "catalog.sqlite").feedback_ids()
+        stored = FeedbackLog(Catalog(data / "catalog.sqlite")).ids()
         missing = set(acked) - stored
         assert not missing, f"trial {trial}: {len(missing)} acknowledged events lost"
         total_acked += len(acked)
@@ -150,7 +152,7 @@ def test_refit_killed_at_random_points(indexed, world_corpus, encoder, tmp_path)
         after = DataDir(data).current_id()
         snapshot = Snapshot(data / "snapshots" / after)  # never a broken one: it loads and its hash checks
         assert snapshot.id == after
-        assert after == before or snapshot.manifest["parent_id"] == before
+        assert after == before or snapshot.manifest.parent_id == before
         states.append("killed" if code is None else ("same" if after == before else "new"))
     assert states.count("killed") >= TRIALS // 2, states
     proc, address = start_server(data, tmp_path)

@@ -20,7 +20,9 @@ from conftest import RunningServer, xmodal_cmd
 from xmodal import client as xc
 from xmodal.indexer import world
 from xmodal.indexer.catalog import Catalog
+from xmodal.indexer.feedback import FeedbackLog
 from xmodal.indexer.snapshot import DataDir
+from xmodal.indexer.vectors import load_vectors
 from xmodal.server.refit import RefitPolicy
 
 
@@ -65,7 +67,7 @@ def test_feedback_is_durable_and_bad_feedback_is_refused(served, world_corpus):
     rec = records(world_corpus)
     feedback_id = server.client.submit_feedback(text=user_caption(rec[0]), relevant=[rec[0]["id"]],
                                                 irrelevant=[rec[1]["id"]], weight=2.0, source="test")
-    row = [r for r in Catalog(data / "catalog.sqlite").feedback() if r["id"] == feedback_id][0]
+    row = [r for r in FeedbackLog(Catalog(data / "catalog.sqlite")).events() if r["id"] == feedback_id][0]
     assert json.loads(row["relevant"]) == [rec[0]["id"]] and row["weight"] == 2.0 and row["query_modality"] == "text"
     stored = np.frombuffer(row["query_embedding"], np.float32)
     expected = server.engine.encoder.encode_texts([user_caption(rec[0])])[0]
@@ -95,7 +97,7 @@ def test_the_held_out_slice_is_keyed_on_the_query_not_the_event(served, world_co
     same_image = [server.client.submit_feedback(image=image, relevant=[rec[6]["id"] + "#caption"]) for _ in range(12)]
     distinct = [server.client.submit_feedback(text=user_caption(r) + f" #{i}", relevant=[r["id"]])
                 for i, r in enumerate(rec[:200])]
-    split = {r["id"]: r["split"] for r in Catalog(data / "catalog.sqlite").feedback()}
+    split = {r["id"]: r["split"] for r in FeedbackLog(Catalog(data / "catalog.sqlite")).events()}
     assert len({split[i] for i in same}) == 1 and len({split[i] for i in same_image}) == 1
     held_out = sum(split[i] == "val" for i in distinct) / len(distinct)
     assert 0.12 < held_out < 0.28, held_out
@@ -178,16 +180,16 @@ def test_feedback_pairs_share_keys_with_the_corpus_pairs(served, world_corpus):
     server.client.submit_feedback(text=rec[0]["caption"], relevant=[rec[0]["id"]], irrelevant=[rec[1]["id"], rec[2]["id"]])
     server.client.submit_feedback(item_id=rec[3]["id"], relevant=[rec[3]["id"] + "#caption"])
     engine = server.engine
-    vectors = {m: engine.store.load(m) for m in ("image", "text")}
-    events = engine.catalog.feedback()
+    vectors = load_vectors(engine.store)
+    events = FeedbackLog(engine.catalog).events()
     pairs, _ = feedback_pairs(engine.catalog, events, vectors)
     assert pairs.image_keys[0] == item_key("image", rec[0]["id"])
     assert pairs.text_keys[0] == item_key("text", text_hash(rec[0]["caption"]))
     assert pairs.image_keys[1] == item_key("image", rec[3]["id"])
     assert pairs.text_keys[1] == item_key("text", text_hash(rec[3]["caption"]))
     assert pairs.hard_rows.tolist() == [0, 0] and pairs.hard_is_image.all()
-    image_rows = {item_id: n for n, item_id in enumerate(vectors["image"][0])}
-    np.testing.assert_array_equal(pairs.hard[1], vectors["image"][1][image_rows[rec[2]["id"]]])
+    images = vectors["image"]
+    np.testing.assert_array_equal(pairs.hard[1], images.array[images.rows[rec[2]["id"]]])
     all_pairs = [pairs_from_catalog(engine.catalog, engine.store, s, vectors=vectors) for s in ("train", "val", "test")]
     corpus_keys = {int(k) for p in all_pairs for k in p.image_keys} | {int(k) for p in all_pairs for k in p.text_keys}
     assert {int(pairs.image_keys[0]), int(pairs.text_keys[0]), int(pairs.text_keys[1])} <= corpus_keys
@@ -212,13 +214,14 @@ def test_offline_fit_and_reindexing_keep_what_feedback_taught(served, encoder, w
     def user_recall(feedback: bool) -> tuple[float, dict]:
         manifest, _ = fit_snapshot(data, FitConfig(kind="mlp", hidden=256, epochs=60, seed=0), progress=False,
                                    feedback=feedback)
-        head = Snapshot(data / "snapshots" / manifest["id"]).head
-        image_ids, image_base = server.engine.store.load("image")
+        head = Snapshot(data / "snapshots" / manifest.id).head
+        images = server.engine.store.load("image")
+        image_ids, image_base = images.ids, images.array
         gallery = head.project("image", image_base)
         top = np.argsort(-(head.project("text", queries, query=True) @ gallery.T), axis=1)[:, :10]
         scene = {r["id"]: user_caption(r) for r in rec}
         hits = [any(scene[image_ids[j]] == user_caption(r) for j in row) for r, row in zip(unseen, top)]
-        return float(np.mean(hits)), manifest["metrics"]
+        return float(np.mean(hits)), manifest.metrics
 
     corpus_only, plain_metrics = user_recall(False)
     with_feedback, metrics = user_recall(True)
@@ -377,7 +380,7 @@ def test_kill_9_during_a_refit_keeps_acknowledged_feedback_and_the_previous_snap
             assert status.feedback_total >= 1000
             assert [r.state for r in status.refits if r.run_id == run_id] == ["interrupted"]
             assert len(client.search(text="a red ring", k=5)) == 5
-        assert set(acked) <= Catalog(data / "catalog.sqlite").feedback_ids()
+        assert set(acked) <= FeedbackLog(Catalog(data / "catalog.sqlite")).ids()
         assert not list((data / "snapshots").glob(".tmp-*"))
     finally:
         proc.send_signal(signal.SIGTERM)
