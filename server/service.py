@@ -15,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, NotFound
+from xmodal.indexer.feedback import FeedbackLog
+from xmodal.indexer.manifest import Manifest
 from xmodal.v1 import xmodal_pb2 as pb
 from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
 
@@ -24,7 +26,7 @@ from .engine import SearchEngine
 from .errors import rpc
 from .refit import Refitter
 
-log = logging.getLogger("xmodal.server")
+log = logging.getLogger(__name__)
 
 _TO_PROTO = {IMAGE: pb.MODALITY_IMAGE, TEXT: pb.MODALITY_TEXT}
 _FROM_PROTO = {pb.MODALITY_UNSPECIFIED: None, pb.MODALITY_IMAGE: IMAGE, pb.MODALITY_TEXT: TEXT}
@@ -40,12 +42,11 @@ def modality_from_proto(value: int) -> str | None:
     return _FROM_PROTO[value]
 
 
-def snapshot_info(manifest: dict) -> pb.SnapshotInfo:
+def snapshot_info(manifest: Manifest) -> pb.SnapshotInfo:
     return pb.SnapshotInfo(
-        snapshot_id=manifest["id"], created_at=manifest["created_at"], encoder=manifest["encoder"],
-        head_kind=manifest["head"]["kind"], head_hash=manifest["head"]["sha256"],
-        faiss_factory=manifest["faiss_factory"], dim=manifest["dim"], parent_id=manifest.get("parent_id") or "",
-        metrics_json=json.dumps(manifest.get("metrics") or {}),
+        snapshot_id=manifest.id, created_at=manifest.created_at, encoder=manifest.encoder,
+        head_kind=manifest.head_kind, head_hash=manifest.head_hash, faiss_factory=manifest.faiss_factory,
+        dim=manifest.dim, parent_id=manifest.parent_id or "", metrics_json=json.dumps(manifest.metrics),
     )
 
 
@@ -92,12 +93,26 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     def GetStatus(self, request, context):
         status = self.engine.status()
         manifest = status["snapshot"]
-        snapshot = snapshot_info(manifest) if manifest else None
-        catalog = self.engine.catalog
-        last = catalog.last_run_started()
-        running = self.refitter.running if self.refitter else None
+        return pb.GetStatusResponse(
+            feedback=self._feedback_counts(), refits=self._recent_runs(),
+            serving=status["serving"], snapshot=snapshot_info(manifest) if manifest else None,
+            version=status["version"], uptime_s=status["uptime_s"], max_k=status["max_k"],
+            data_dir=status["data_dir"],
+            counts=[pb.ModalityCount(modality=_TO_PROTO[m], catalog_items=c["catalog_items"], indexed=c["indexed"])
+                    for m, c in status["counts"].items()],
+        )
+
+    def _feedback_counts(self) -> pb.FeedbackCounts:
+        last = self.refitter.runs.last_started() if self.refitter else None
+        events = FeedbackLog(self.engine.catalog)
+        return pb.FeedbackCounts(total=events.count(), since_last_refit=events.count(since=last))
+
+    def _recent_runs(self) -> list[pb.RefitRun]:
+        if self.refitter is None:
+            return []
+        running = self.refitter.running
         refits = []
-        for row in catalog.runs(limit=10):
+        for row in self.refitter.runs.recent(limit=10):
             finished = row["finished_at"] or time.time()
             refits.append(pb.RefitRun(
                 run_id=row["id"], mode=row["mode"], state=row["state"],
@@ -105,15 +120,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 duration_s=finished - row["started_at"], before_json=row["before"], after_json=row["after"],
                 snapshot_id=row["snapshot_id"] or "", message=row["message"], feedback_events=row["feedback_events"],
                 progress=self.refitter.progress if row["id"] == running else ""))
-        return pb.GetStatusResponse(
-            feedback=pb.FeedbackCounts(total=catalog.count_feedback(), since_last_refit=catalog.count_feedback(since=last)),
-            refits=refits,
-            serving=status["serving"], snapshot=snapshot, version=status["version"], uptime_s=status["uptime_s"],
-            max_k=status["max_k"], data_dir=status["data_dir"],
-            counts=[pb.ModalityCount(modality=_TO_PROTO[m], catalog_items=c["catalog_items"], indexed=c["indexed"])
-                    for m, c in status["counts"].items()],
-        )
-
+        return refits
 
     @rpc
     def SubmitFeedback(self, request, context):
@@ -136,8 +143,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     @rpc
     def ListSnapshots(self, request, context):
         data = self.engine.data
-        infos = [snapshot_info(json.loads((data.snapshots / i / "manifest.json").read_text()))
-                 for i in data.snapshot_ids()]
+        infos = [snapshot_info(Manifest.read(data.snapshots / i)) for i in data.snapshot_ids()]
         live = self.engine.snapshot
         return pb.ListSnapshotsResponse(snapshots=infos, live_id=live.id if live else "")
 
@@ -156,7 +162,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         data.set_current(request.snapshot_id)
         self.engine.load_current()
         log.info("rolled back to snapshot %s (was %s)", request.snapshot_id, previous)
-        return pb.RollbackResponse(snapshot=snapshot_info(self.engine.snapshot.manifest))
+        return pb.RollbackResponse(snapshot=snapshot_info(self.engine.view.live().manifest))
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")

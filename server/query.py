@@ -1,0 +1,181 @@
+"""The read path: encode a query, search the live snapshot, build the hits; item lookup."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xmodal.indexer.catalog import Catalog
+from xmodal.indexer.corpus import IMAGE, MODALITIES, TEXT
+from xmodal.indexer.encoder import Encoder
+from xmodal.indexer.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from xmodal.indexer.images import decode_image
+from xmodal.indexer.snapshot import Snapshot
+
+from .limits import Limits
+from .live import LiveView
+
+
+@dataclass
+class Hit:
+    item_id: str
+    score: float
+    modality: str
+    text: str
+    source: str
+    metadata: dict
+    rank: int
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    snapshot_id: str
+    timing: dict = field(default_factory=dict)  # encode_ms, head_ms, search_ms, total_ms
+
+
+@dataclass
+class ItemRecord:
+    item_id: str
+    modality: str
+    text: str
+    source: str
+    metadata: dict
+    content_hash: str
+    image: bytes = b""
+
+
+class QueryPath:
+    """Answers searches and item lookups from the live view (reads only)."""
+
+    def __init__(self, view: LiveView, encoder: Encoder, catalog: Catalog, limits: Limits):
+        self.view = view
+        self.encoder = encoder
+        self.catalog = catalog
+        self.limits = limits
+
+    def query_vector(self, snapshot: Snapshot, *, text: str | None = None, image: bytes | None = None,
+                     item_id: str | None = None) -> tuple[str, np.ndarray, dict]:
+        """The adapted query vector (1, dim), its modality and the time spent per stage."""
+        given = [name for name, value in (("text", text), ("image", image), ("item_id", item_id)) if value is not None]
+        if len(given) != 1:
+            raise InvalidArgument("a query needs exactly one of text, image or item_id"
+                                  + (f" (got {', '.join(given)})" if given else ""))
+        timing = {"encode_ms": 0.0, "head_ms": 0.0}
+        if item_id is not None:
+            if not item_id.strip():
+                raise InvalidArgument("item_id is empty: pass the id of an indexed item")
+            found = snapshot.find(item_id)
+            if found is None:
+                raise NotFound(f"no indexed item with id {item_id!r} in snapshot {snapshot.id}")
+            modality, vector = found
+            return modality, vector.reshape(1, -1), timing
+        t0 = time.perf_counter()
+        modality, base = self.encode_query(text=text, image=image)
+        t1 = time.perf_counter()
+        vector = snapshot.head.project(modality, base, query=True)
+        t2 = time.perf_counter()
+        timing["encode_ms"] = (t1 - t0) * 1e3
+        timing["head_ms"] = (t2 - t1) * 1e3
+        return modality, vector, timing
+
+    def encode_query(self, *, text: str | None = None, image: bytes | None = None) -> tuple[str, np.ndarray]:
+        """Validate a text or image query and return its modality and base embedding (1, dim)."""
+        if text is not None:
+            if not text.strip():
+                raise InvalidArgument("query text is empty: send the words to search for")
+            if len(text) > self.limits.max_text_chars:
+                raise ResourceExhausted(f"query text has {len(text):,} characters, over the limit of "
+                                        f"{self.limits.max_text_chars:,}")
+            return TEXT, self.encoder.encode_texts([text])
+        if image is None:
+            raise InvalidArgument("a query needs text, image or item_id")
+        if len(image) > self.limits.max_image_bytes:
+            raise ResourceExhausted(f"image has {len(image):,} bytes, over the limit of {self.limits.max_image_bytes:,}")
+        picture = decode_image(image, max_pixels=self.limits.max_pixels)
+        return IMAGE, self.encoder.encode_images([picture])
+
+    def check_deadline(self, deadline: float | None, stage: str) -> None:
+        """Raise DeadlineExceeded if ``deadline`` (time.monotonic) has passed."""
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"deadline passed during {stage}: retry, or give the call a longer deadline "
+                                   f"(the server caps calls at {self.limits.deadline_s} s)")
+
+    def search(self, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None,
+               target: str | None = None, k: int = 10, deadline: float | None = None) -> SearchResult:
+        """Top-k items of ``target`` modality for one query.
+
+        Args:
+            text / image / item_id: exactly one query.
+            target: "image" or "text"; None means the other modality than the query's.
+            k: 1..limits.max_k.
+
+        Raises:
+            InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted.
+        """
+        started = time.perf_counter()
+        if not isinstance(k, int) or k < 1 or k > self.limits.max_k:
+            raise InvalidArgument(f"k must be between 1 and {self.limits.max_k}, got {k}")
+        if target is not None and target not in MODALITIES:
+            raise InvalidArgument(f"target modality must be image or text, got {target!r}")
+        snapshot = self.view.live()  # read the reference once: this query sees one snapshot only
+        self.check_deadline(deadline, "queueing")
+        modality, vector, timing = self.query_vector(snapshot, text=text, image=image, item_id=item_id)
+        self.check_deadline(deadline, "encoding")
+        target = target or (TEXT if modality == IMAGE else IMAGE)
+        index = snapshot.indexes[target]
+        t0 = time.perf_counter()
+        scores, rows = index.search(vector, k)
+        timing["search_ms"] = (time.perf_counter() - t0) * 1e3
+        hits = self._hits([(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0], target)
+        timing["total_ms"] = (time.perf_counter() - started) * 1e3
+        return SearchResult(hits, snapshot.id, timing)
+
+    def _hits(self, scored: list[tuple[str, float]], target: str) -> list[Hit]:
+        """Ranked hits with their catalog rows (text, source, metadata)."""
+        records = self.catalog.get_items([item for item, _ in scored])
+        hits = []
+        for rank, (hit_id, score) in enumerate(scored, start=1):
+            row = records.get(hit_id)
+            hits.append(Hit(
+                item_id=hit_id, score=score, modality=target, rank=rank,
+                text=row["text"] if row else "", source=row["source"] if row else "",
+                metadata=json.loads(row["metadata"]) if row else {},
+            ))
+        return hits
+
+    def get_items(self, item_ids: list[str], *, metadata_only: bool = False) -> list[ItemRecord]:
+        """Items by id, with their content (image bytes or text) and metadata.
+
+        Raises:
+            InvalidArgument: no ids, or an empty id. ResourceExhausted: too many ids.
+            NotFound: unknown ids (all of them are named).
+        """
+        if not item_ids:
+            raise InvalidArgument("item_ids is empty: pass at least one item id")
+        if len(item_ids) > self.limits.max_items_per_request:
+            raise ResourceExhausted(f"{len(item_ids)} ids in one request, over the limit of "
+                                    f"{self.limits.max_items_per_request}: split the request")
+        if any(not item_id.strip() for item_id in item_ids):
+            raise InvalidArgument("an item id is empty")
+        rows = self.catalog.get_items(item_ids)
+        missing = [item_id for item_id in item_ids if item_id not in rows]
+        if missing:
+            raise NotFound(f"unknown item id(s): {', '.join(repr(m) for m in missing[:10])}")
+        out = []
+        for item_id in item_ids:
+            row = rows[item_id]
+            record = ItemRecord(item_id, row["modality"], row["text"], row["source"], json.loads(row["metadata"]),
+                                row["content_hash"])
+            if row["modality"] == IMAGE and not metadata_only:
+                try:
+                    record.image = Path(row["source"]).read_bytes()
+                except OSError:
+                    raise NotFound(f"the image file of item {item_id!r} is no longer at {row['source']}") from None
+            out.append(record)
+        return out
+
