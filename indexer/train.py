@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -208,7 +209,7 @@ def seed_everything(seed: int) -> None:
 
 
 def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_start: Head | None = None,
-             progress: bool = False, score=None) -> tuple[Head, FitReport]:
+             progress: bool = False, score: Callable[[Head], float | None] | None = None) -> tuple[Head, FitReport]:
     """Fit a head of ``config.kind`` on ``train``; early-stop on ``val``.
 
     Args:
@@ -259,7 +260,7 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
 
 
 def fit_query_adapter(live: Head, modality: str, train: PairSet, val: PairSet | None, config: FitConfig, *,
-                      progress: bool = False, score=None) -> tuple[Head, FitReport]:
+                      progress: bool = False, score: Callable[[Head], float | None] | None = None) -> tuple[Head, FitReport]:
     """Train only a query-side adapter for ``modality`` on top of a frozen ``live`` head
     (warm-started from its adapter, if it has one). Documents projected by ``live`` stay
     valid for the result, so its indexes can be reused as they are.
@@ -287,103 +288,140 @@ def fit_query_adapter(live: Head, modality: str, train: PairSet, val: PairSet | 
 
 
 def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config: FitConfig, report: FitReport,
-           started: float, *, progress: bool, query_modality: str | None = None, score=None) -> None:
+           started: float, *, progress: bool, query_modality: str | None = None,
+           score: Callable[[Head], float | None] | None = None) -> None:
     """The shared loop: InfoNCE (+ label losses), AdamW, early stopping on validation
     recall from epoch 0; leaves the best state in ``head`` and fills ``report``."""
-    loss_fn = InfoNCELoss(config.temperature, config.learn_temperature)
-    params = params + [p for p in loss_fn.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    image = torch.from_numpy(np.ascontiguousarray(train.image, dtype=np.float32))
-    text = torch.from_numpy(np.ascontiguousarray(train.text, dtype=np.float32))
-    image_keys = torch.from_numpy(train.image_keys)
-    text_keys = torch.from_numpy(train.text_keys)
-    labels = torch.from_numpy(train.labels) if train.labels is not None else None
-    weights = torch.from_numpy(train.weights.astype(np.float32)) if train.weights is not None else None
-    if train.n_hard:
-        hard = torch.from_numpy(np.ascontiguousarray(train.hard, dtype=np.float32))
-        hard_rows = torch.from_numpy(train.hard_rows.astype(np.int64))
-        hard_is_image = torch.from_numpy(train.hard_is_image.astype(bool))
-        position = torch.full((len(train),), -1, dtype=torch.int64)
+    _TrainingLoop(head, params, train, val, config, query_modality, score).run(report, started, progress)
 
-    def hard_negatives(rows: torch.Tensor) -> dict:
-        """The hard negatives of the batch's pairs, projected, with their batch rows."""
-        if not train.n_hard:
-            return {}
-        position[rows] = torch.arange(len(rows))
-        local = position[hard_rows]
-        position[rows] = -1
+
+class _Batches:
+    """A pair set as tensors, and the hard negatives of any batch of its rows."""
+
+    def __init__(self, train: PairSet):
+        self.n = len(train)
+        self.image = torch.from_numpy(np.ascontiguousarray(train.image, dtype=np.float32))
+        self.text = torch.from_numpy(np.ascontiguousarray(train.text, dtype=np.float32))
+        self.image_keys = torch.from_numpy(train.image_keys)
+        self.text_keys = torch.from_numpy(train.text_keys)
+        self.labels = torch.from_numpy(train.labels) if train.labels is not None else None
+        self.weights = torch.from_numpy(train.weights.astype(np.float32)) if train.weights is not None else None
+        self.has_hard = bool(train.n_hard)
+        if train.n_hard:
+            self.hard = torch.from_numpy(np.ascontiguousarray(train.hard, dtype=np.float32))
+            self.hard_rows = torch.from_numpy(np.asarray(train.hard_rows, np.int64))
+            self.hard_is_image = torch.from_numpy(np.asarray(train.hard_is_image, bool))
+            self.position = torch.full((len(train),), -1, dtype=torch.int64)
+
+    def hard_negatives(self, rows: torch.Tensor) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+        """(loss argument, modality, vectors, batch rows) of the hard negatives of ``rows``."""
+        if not self.has_hard:
+            return []
+        self.position[rows] = torch.arange(len(rows))
+        local = self.position[self.hard_rows]
+        self.position[rows] = -1
         chosen = local >= 0
-        out = {}
-        for name, modality, mask in (("hard_images", IMAGE, hard_is_image), ("hard_texts", TEXT, ~hard_is_image)):
+        out = []
+        for name, modality, mask in (("hard_images", IMAGE, self.hard_is_image),
+                                     ("hard_texts", TEXT, ~self.hard_is_image)):
             pick = chosen & mask
             if pick.any():
-                out[name] = (head(modality, hard[pick], query_modality == modality), local[pick])
+                out.append((name, modality, self.hard[pick], local[pick]))
         return out
 
-    generator = torch.Generator().manual_seed(config.seed)
 
-    val_relevant = relevance(val) if val is not None and len(val) and score is None else None
+class _TrainingLoop:
+    """Epochs of shuffled batches, validated after each; keeps the best state."""
 
-    def validate() -> float | None:
-        if val_relevant is None and score is None:
+    def __init__(self, head: Head, params: list, train: PairSet, val: PairSet | None, config: FitConfig,
+                 query_modality: str | None, score: Callable[[Head], float | None] | None):
+        self.head, self.config, self.query_modality = head, config, query_modality
+        self.loss_fn = InfoNCELoss(config.temperature, config.learn_temperature)
+        params = params + [p for p in self.loss_fn.parameters() if p.requires_grad]
+        self.optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.batches = _Batches(train)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.val, self.score = val, score
+        self.val_relevant = relevance(val) if val is not None and len(val) and score is None else None
+
+    def validate(self) -> float | None:
+        if self.val_relevant is None and self.score is None:
             return None
-        head.eval()
-        value = score(head) if score is not None else validation_recall(head, val, relevant=val_relevant)
-        head.train()
+        self.head.eval()
+        if self.score is not None:
+            value = self.score(self.head)
+        else:
+            value = validation_recall(self.head, self.val, relevant=self.val_relevant)  # type: ignore[arg-type]
+        self.head.train()
         return value
 
-    best_state = copy.deepcopy(head.state_dict())
-    report.val_before = report.val_best = validate()
-    report.curve.append({"epoch": 0, "loss": None, "val_recall@10": report.val_before})
-    since_best = 0
-    report.stopped = "epochs"
-    bar = tqdm(range(1, config.epochs + 1), desc=f"fitting {report.kind}", unit="epoch",
-               disable=not progress, file=sys.stderr)
-    head.train()
-    for epoch in bar:
-        order = torch.randperm(len(train), generator=generator)
-        total, batches = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start:start + config.batch_size]
+    def batch_loss(self, rows: torch.Tensor) -> torch.Tensor:
+        head, config, b, qm = self.head, self.config, self.batches, self.query_modality
+        img = head(IMAGE, b.image[rows], qm == IMAGE)
+        txt = head(TEXT, b.text[rows], qm == TEXT)
+        ik, tk = b.image_keys[rows], b.text_keys[rows]
+        positives = (ik[:, None] == ik[None, :]) | (tk[:, None] == tk[None, :])
+        hard = {name: (head(modality, vectors, qm == modality), local)
+                for name, modality, vectors, local in b.hard_negatives(rows)}
+        loss = self.loss_fn(img, txt, positives, b.weights[rows] if b.weights is not None else None,
+                            hard_weight=config.hard_negative_weight, **hard)
+        if b.labels is not None and (config.pairwise_weight or config.supcon_weight):
+            both = torch.cat([img, txt])
+            both_labels = torch.cat([b.labels[rows], b.labels[rows]])
+            if config.pairwise_weight:
+                loss = loss + config.pairwise_weight * pairwise_label_loss(both, both_labels, config.pairwise_margin)
+            if config.supcon_weight:
+                loss = loss + config.supcon_weight * supcon_loss(both, both_labels, config.supcon_temperature)
+        return loss
+
+    def epoch(self) -> float:
+        """One pass over the shuffled pairs; returns the mean batch loss."""
+        order = torch.randperm(self.batches.n, generator=self.generator)
+        total, count = 0.0, 0
+        for start in range(0, len(order), self.config.batch_size):
+            rows = order[start:start + self.config.batch_size]
             if len(rows) < 2:
                 continue
-            img = head(IMAGE, image[rows], query_modality == IMAGE)
-            txt = head(TEXT, text[rows], query_modality == TEXT)
-            ik, tk = image_keys[rows], text_keys[rows]
-            positives = (ik[:, None] == ik[None, :]) | (tk[:, None] == tk[None, :])
-            loss = loss_fn(img, txt, positives, weights[rows] if weights is not None else None,
-                           hard_weight=config.hard_negative_weight, **hard_negatives(rows))
-            if labels is not None and (config.pairwise_weight or config.supcon_weight):
-                both = torch.cat([img, txt])
-                both_labels = torch.cat([labels[rows], labels[rows]])
-                if config.pairwise_weight:
-                    loss = loss + config.pairwise_weight * pairwise_label_loss(both, both_labels, config.pairwise_margin)
-                if config.supcon_weight:
-                    loss = loss + config.supcon_weight * supcon_loss(both, both_labels, config.supcon_temperature)
-            optimiser.zero_grad(set_to_none=True)
+            loss = self.batch_loss(rows)
+            self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            optimiser.step()
+            self.optimiser.step()
             total += loss.item()
-            batches += 1
-        current = validate()
-        report.epochs = epoch
-        report.curve.append({"epoch": epoch, "loss": total / max(batches, 1), "val_recall@10": current})
-        bar.set_postfix(loss=f"{total / max(batches, 1):.3f}", val=f"{current:.3f}" if current is not None else "-")
-        if current is None or current > (report.val_best or 0) + 1e-9:
-            report.val_best, report.best_epoch, since_best = current, epoch, 0
-            best_state = copy.deepcopy(head.state_dict())
-        else:
-            since_best += 1
-            if since_best >= config.patience > 0:
-                report.stopped = "early"
+            count += 1
+        return total / max(count, 1)
+
+    def run(self, report: FitReport, started: float, progress: bool) -> None:
+        """Train until the epochs, the patience or the time cap run out; restore the best."""
+        config = self.config
+        best_state = copy.deepcopy(self.head.state_dict())
+        report.val_before = report.val_best = self.validate()
+        report.curve.append({"epoch": 0, "loss": None, "val_recall@10": report.val_before})
+        since_best = 0
+        report.stopped = "epochs"
+        bar = tqdm(range(1, config.epochs + 1), desc=f"fitting {report.kind}", unit="epoch",
+                   disable=not progress, file=sys.stderr)
+        self.head.train()
+        for epoch in bar:
+            loss = self.epoch()
+            current = self.validate()
+            report.epochs = epoch
+            report.curve.append({"epoch": epoch, "loss": loss, "val_recall@10": current})
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{current:.3f}" if current is not None else "-")
+            if current is None or current > (report.val_best or 0) + 1e-9:
+                report.val_best, report.best_epoch, since_best = current, epoch, 0
+                best_state = copy.deepcopy(self.head.state_dict())
+            else:
+                since_best += 1
+                if since_best >= config.patience > 0:
+                    report.stopped = "early"
+                    break
+            if config.max_seconds and time.perf_counter() - started > config.max_seconds:
+                report.stopped = "time"
                 break
-        if config.max_seconds and time.perf_counter() - started > config.max_seconds:
-            report.stopped = "time"
-            break
-    bar.close()
-    head.load_state_dict(best_state)
-    report.temperature = float(torch.exp(-loss_fn.logit_scale.detach()))
-    report.seconds = time.perf_counter() - started
+        bar.close()
+        self.head.load_state_dict(best_state)
+        report.temperature = float(torch.exp(-self.loss_fn.logit_scale.detach()))
+        report.seconds = time.perf_counter() - started
 
 
 def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_field: str | None = None,
