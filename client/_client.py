@@ -101,17 +101,51 @@ class Status:
 def _pem(value) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
-    return Path(value).read_bytes()
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read the PEM file {str(value)!r} ({exc.strerror or exc}): pass the path of a "
+                              "certificate or key in PEM format") from None
 
 
 def _query(text, image, item_id) -> pb.Query:
     if len([v for v in (text, image, item_id) if v is not None]) != 1:
         raise InvalidArgument("pass exactly one of text=, image= or item_id=")
-    if text is not None:
-        return pb.Query(text=text)
     if image is not None:
-        return pb.Query(image=Path(image).read_bytes() if isinstance(image, (str, Path)) else bytes(image))
-    return pb.Query(item_id=item_id)
+        return pb.Query(image=_image_bytes(image))
+    return _request(pb.Query, text=text) if text is not None else _request(pb.Query, item_id=item_id)
+
+
+def _image_bytes(image) -> bytes:
+    """A query image given as bytes, or read from a file path."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if not isinstance(image, (str, Path)):
+        raise InvalidArgument(f"image must be the encoded bytes or a file path, got {type(image).__name__}")
+    try:
+        return Path(image).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read the query image {str(image)!r} ({exc.strerror or exc}): pass the path of "
+                              "an image file (JPEG, PNG, ...) or its bytes") from None
+
+
+def _ids(value, name: str) -> list[str]:
+    """Item ids as a list; a single id given as a plain string is one id, not its characters."""
+    ids = [value] if isinstance(value, str) else list(value)
+    wrong = [i for i in ids if not isinstance(i, str)]
+    if wrong:
+        raise InvalidArgument(f"{name} must be item id strings, got {wrong[0]!r}")
+    return ids
+
+
+def _request(cls, **fields):
+    """Build a request message; protobuf's TypeError/ValueError (a string where a number
+    goes, a k past int32) become InvalidArgument, as the server's own checks would."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as exc:
+        given = ", ".join(f"{name}={value!r}"[:80] for name, value in fields.items())
+        raise InvalidArgument(f"bad argument in {cls.__name__}({given}): {exc}") from None
 
 
 def _snapshot(info, live_id: str) -> SnapshotInfo:
@@ -143,6 +177,8 @@ class SearchClient:
     def __init__(self, target: str, *, timeout: float = 30.0, api_key: str | None = None, tls: bool = False,
                  ca_cert: str | Path | bytes | None = None, client_cert: str | Path | bytes | None = None,
                  client_key: str | Path | bytes | None = None, channel: grpc.Channel | None = None):
+        if channel is None and (not isinstance(target, str) or not target.strip()):
+            raise InvalidArgument(f"server address {target!r} is empty: pass host:port, e.g. 127.0.0.1:50051")
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
@@ -180,7 +216,8 @@ class SearchClient:
             raise InvalidArgument("pass exactly one of text=, image= or item_id=")
         if target not in _MODALITY_VALUES:
             raise InvalidArgument(f"target must be 'image', 'text' or None, got {target!r}")
-        request = pb.SearchRequest(query=_query(text, image, item_id), target=_MODALITY_VALUES[target], k=k)
+        query = _query(text, image, item_id)
+        request = _request(pb.SearchRequest, query=query, target=_MODALITY_VALUES[target], k=k)
         with map_errors(self.target):
             response = self._search.Search(request, timeout=timeout or self.timeout, metadata=self._metadata)
         timing = {name: getattr(response.timing, name) for name in ("encode_ms", "head_ms", "search_ms", "total_ms")}
@@ -193,11 +230,9 @@ class SearchClient:
     def get_items(self, item_ids: Sequence[str], *, metadata_only: bool = False,
                   timeout: float | None = None) -> list[Item]:
         """Items' content (image bytes or text) and metadata, in the order asked."""
-        if isinstance(item_ids, str):
-            item_ids = [item_ids]
+        request = pb.GetItemsRequest(item_ids=_ids(item_ids, "item_ids"), metadata_only=metadata_only)
         with map_errors(self.target):
-            response = self._search.GetItems(pb.GetItemsRequest(item_ids=list(item_ids), metadata_only=metadata_only),
-                                             timeout=timeout or self.timeout, metadata=self._metadata)
+            response = self._search.GetItems(request, timeout=timeout or self.timeout, metadata=self._metadata)
         return [Item(i.item_id, _MODALITY_NAMES[i.modality], i.text, i.image, i.source,
                      json.loads(i.metadata_json or "{}"), i.content_hash) for i in response.items]
 
@@ -225,15 +260,18 @@ class SearchClient:
                         timeout: float | None = None) -> str:
         """Record that ``relevant`` items answer a query; returns the feedback id once the
         event is durable on the server."""
-        request = pb.SubmitFeedbackRequest(query=_query(text, image, item_id), relevant_ids=list(relevant),
-                                           irrelevant_ids=list(irrelevant), weight=weight, source=source)
+        request = _request(pb.SubmitFeedbackRequest, query=_query(text, image, item_id),
+                           relevant_ids=_ids(relevant, "relevant"), irrelevant_ids=_ids(irrelevant, "irrelevant"),
+                           weight=weight, source=source)
         with map_errors(self.target):
-            return self._search.SubmitFeedback(request, timeout=timeout or self.timeout, metadata=self._metadata).feedback_id
+            response = self._search.SubmitFeedback(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return response.feedback_id
 
     def refit(self, mode: str = "", *, timeout: float | None = None) -> str:
         """Start a refit now ("query", "full", "auto" or "" for the server's mode); returns its run id."""
         with map_errors(self.target):
-            return self._admin.Refit(pb.RefitRequest(mode=mode), timeout=timeout or self.timeout, metadata=self._metadata).run_id
+            return self._admin.Refit(_request(pb.RefitRequest, mode=mode), timeout=timeout or self.timeout,
+                                     metadata=self._metadata).run_id
 
     def wait_for_refit(self, run_id: str, timeout: float = 600.0) -> RefitRun:
         """Poll GetStatus until the run is no longer running; returns its record."""
@@ -248,12 +286,14 @@ class SearchClient:
 
     def list_snapshots(self, *, timeout: float | None = None) -> list[SnapshotInfo]:
         with map_errors(self.target):
-            r = self._admin.ListSnapshots(pb.ListSnapshotsRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
+            r = self._admin.ListSnapshots(pb.ListSnapshotsRequest(), timeout=timeout or self.timeout,
+                                          metadata=self._metadata)
         return [_snapshot(s, r.live_id) for s in r.snapshots]
 
     def rollback(self, snapshot_id: str, *, timeout: float | None = None) -> SnapshotInfo:
         with map_errors(self.target):
-            r = self._admin.Rollback(pb.RollbackRequest(snapshot_id=snapshot_id), timeout=timeout or self.timeout, metadata=self._metadata)
+            r = self._admin.Rollback(_request(pb.RollbackRequest, snapshot_id=snapshot_id),
+                                     timeout=timeout or self.timeout, metadata=self._metadata)
         return _snapshot(r.snapshot, r.snapshot.snapshot_id)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:

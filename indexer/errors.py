@@ -13,8 +13,12 @@ class XmodalError(Exception):
     code = "INTERNAL"
 
 
-class InvalidArgument(XmodalError):
-    """A malformed request or input (empty text, bad k, unknown modality...)."""
+class InvalidArgument(XmodalError, ValueError):
+    """A malformed request or input (empty text, bad k, unknown modality...).
+
+    Also a ValueError, so callers (and tests) that catch ValueError for a bad argument
+    keep working now that xmodal raises its own class (tests/test_pretrain.py does).
+    """
 
     code = "INVALID_ARGUMENT"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidArgument
+
 DEFAULT_KS = (1, 5, 10)
 
 
@@ -20,7 +22,8 @@ def retrieval_metrics(queries: np.ndarray, gallery: np.ndarray, relevant: list[s
         {"recall@1": ..., "recall@5": ..., "recall@10": ..., "mrr": ..., "queries": Q}
     """
     if len(queries) != len(relevant):
-        raise ValueError(f"{len(queries)} queries but {len(relevant)} relevance sets")
+        raise InvalidArgument(f"{len(queries)} queries but {len(relevant)} relevance sets: pass one set of "
+                              "relevant gallery rows per query")
     if len(queries) == 0 or len(gallery) == 0:
         return {**{f"recall@{k}": 0.0 for k in ks}, "mrr": 0.0, "queries": 0}
     first_rank = np.empty(len(queries), np.int64)

@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidArgument
+
 
 class InfoNCELoss(torch.nn.Module):
     """Symmetric InfoNCE with a learnable logit scale (1 / temperature), clamped at 100."""
@@ -24,7 +26,7 @@ class InfoNCELoss(torch.nn.Module):
     def __init__(self, temperature: float = 0.07, learn_temperature: bool = True):
         super().__init__()
         if not 0 < temperature < 10:
-            raise ValueError(f"temperature must be in (0, 10), got {temperature}")
+            raise InvalidArgument(f"temperature must be in (0, 10), got {temperature}: pass e.g. 0.07")
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / temperature)),
                                               requires_grad=learn_temperature)
 

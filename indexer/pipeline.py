@@ -171,7 +171,7 @@ class _IndexRun:
     """One run of :func:`index_corpus`, step by step, filling its report."""
 
     def __init__(self, data: DataDir, encoder: Encoder, options: IndexOptions):
-        data.root.mkdir(parents=True, exist_ok=True)
+        data.create()
         self.data, self.encoder, self.options = data, encoder, options
         self.catalog = Catalog(data.catalog_path)
         self.store = BaseStore(data.base, self.catalog)

@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import world
+from .errors import InvalidArgument, XmodalError
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -65,19 +66,23 @@ def load_config(out_dir: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: the folder has no config.
-        ValueError: the config lacks the fields pretraining needs.
+        InvalidArgument: the config lacks the fields pretraining needs.
     """
     path = Path(out_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pretraining writes weights next to an existing config")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or restore it") from None
     model_cfg = config.get("model_cfg")
     if not isinstance(model_cfg, dict) or "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
-        raise ValueError(f"{path} has no model_cfg with vision_cfg and text_cfg")
+        raise InvalidArgument(f"{path} has no model_cfg with vision_cfg and text_cfg: add both (open_clip's "
+                              "model config layout)")
     pre = config.get("preprocess_cfg", {})
     for key in ("mean", "std"):
         if len(pre.get(key, ())) != 3:
-            raise ValueError(f"{path}: preprocess_cfg.{key} must hold 3 numbers")
+            raise InvalidArgument(f"{path}: preprocess_cfg.{key} must hold 3 numbers")
     return config
 
 
@@ -123,12 +128,13 @@ class Normaliser:
         """Normalise images into a float32 tensor (N, 3, size, size).
 
         Raises:
-            ValueError: an image is not size x size (it would need open_clip's resize).
+            InvalidArgument: an image is not size x size (it would need open_clip's resize).
         """
         arrays = []
         for image in images:
             if image.size != (self.size, self.size):
-                raise ValueError(f"expected {self.size}x{self.size} images, got {image.size[0]}x{image.size[1]}")
+                raise InvalidArgument(f"expected {self.size}x{self.size} images, got {image.size[0]}x{image.size[1]}: "
+                                      "render or resize them to the model's input size")
             arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
         batch = np.stack(arrays).astype(np.float32) / 255.0
         batch = (batch - self.mean) / self.std
@@ -269,29 +275,30 @@ def pretrain(
         ``weights_bytes``.
 
     Raises:
-        ValueError: a bad argument, or the loss became non-finite.
+        InvalidArgument: a bad argument, or the loss became non-finite.
         FileNotFoundError: ``out_dir`` has no config.
     """
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise InvalidArgument(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"batch_size must be an integer >= 2 (contrastive loss needs negatives), got {batch_size!r}")
+        raise InvalidArgument(f"batch_size must be an integer >= 2 (contrastive loss needs negatives), "
+                              f"got {batch_size!r}")
     if not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}), got {seed!r}")
+        raise InvalidArgument(f"seed must be an integer in [0, {MAX_SEED}), got {seed!r}")
     if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+        raise InvalidArgument(f"lr must be positive, got {lr!r}")
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        raise InvalidArgument(f"weight_decay must be >= 0, got {weight_decay!r}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads!r}")
+        raise InvalidArgument(f"threads must be >= 1, got {threads!r}")
     if minutes is not None and not minutes > 0:
-        raise ValueError(f"minutes must be positive, got {minutes!r}")
+        raise InvalidArgument(f"minutes must be positive, got {minutes!r}")
     if eval_scenes < 0:
-        raise ValueError(f"eval_scenes must be >= 0, got {eval_scenes!r}")
+        raise InvalidArgument(f"eval_scenes must be >= 0, got {eval_scenes!r}")
     if warmup is None:
         warmup = max(1, steps // 20)
     if warmup < 1:
-        raise ValueError(f"warmup must be >= 1, got {warmup!r}")
+        raise InvalidArgument(f"warmup must be >= 1, got {warmup!r}")
 
     config = load_config(out_dir)
     if threads is not None:
@@ -327,7 +334,7 @@ def pretrain(
         image_features, text_features, logit_scale = model(images, tokens)
         loss = loss_fn(image_features, text_features, logit_scale)
         if not torch.isfinite(loss):
-            raise ValueError(f"loss became non-finite ({loss.item()}) at step {step}; lower lr")
+            raise InvalidArgument(f"loss became non-finite ({loss.item()}) at step {step}; lower lr")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -342,7 +349,7 @@ def pretrain(
     bar.close()
     seconds = time.monotonic() - started
     if done == 0:
-        raise ValueError(f"the {minutes}-minute cap left no time for a single step")
+        raise InvalidArgument(f"the {minutes}-minute cap left no time for a single step: raise --minutes")
 
     report = {
         "steps": done,
@@ -394,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             weight_decay=args.weight_decay, warmup=args.warmup, threads=args.threads, minutes=args.minutes,
             eval_scenes=args.eval_scenes, progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (XmodalError, FileNotFoundError) as exc:
         print(f"pretrain: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))

@@ -79,6 +79,16 @@ class DataDir:
         return sorted(p.name for p in self.snapshots.iterdir()
                       if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
 
+    def create(self) -> None:
+        """Make the folder (and its parents) if missing.
+
+        Raises:
+            InvalidArgument: the path exists and is not a folder.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise InvalidArgument(f"--data {self.root.name!r} is a file, not a folder: pass a data directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+
     def clean(self) -> list[Path]:
         """Remove debris of unfinished snapshot writes (temporary folders and files).
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .errors import InvalidArgument
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
@@ -102,7 +104,7 @@ def caption(scene: Scene, style: str = "source") -> str:
                 f"{TARGET_POSITIONS[scene.position]}, {TARGET_BACKGROUNDS[scene.background]}")
     if style == "user":
         return f"{USER_SIZES[scene.size]} {scene.colour} {USER_SHAPES[scene.shape]} {USER_POSITIONS[scene.position]}"
-    raise ValueError(f"unknown phrasing {style!r}; choose one of {PHRASINGS}")
+    raise InvalidArgument(f"unknown phrasing {style!r}; choose one of {PHRASINGS}")
 
 
 def render(scene: Scene, style: str = "source", size: int = 96, seed: int = 0) -> Image.Image:
@@ -131,7 +133,7 @@ def render(scene: Scene, style: str = "source", size: int = 96, seed: int = 0) -
     if style == "source":
         return image
     if style != "target":
-        raise ValueError(f"unknown style {style!r}; choose one of {STYLES}")
+        raise InvalidArgument(f"unknown style {style!r}; choose one of {STYLES}")
     grey = np.asarray(image.convert("L").filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float32)
     grey = 128 + (grey - 128) * 0.6
     noise = np.random.default_rng(seed).normal(0, 12, grey.shape)

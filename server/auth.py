@@ -37,6 +37,7 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _SEARCH = {"/xmodal.v1.SearchService/Search", "/xmodal.v1.SearchService/GetItems", "/xmodal.v1.SearchService/GetStatus"}
 _FEEDBACK = _SEARCH | {"/xmodal.v1.SearchService/SubmitFeedback"}
 ALLOWED = {"search": _SEARCH, "feedback": _FEEDBACK, "admin": None}  # None: everything
+KEY_FILE_LAYOUT = '{"keys": [{"name": ..., "role": ..., "sha256": ...}]}'
 
 
 def hash_key(key: str) -> str:
@@ -71,8 +72,7 @@ class KeyRing:
                 document = json.loads(Path(path).read_text())
                 entries += [KeyEntry(k["name"], k["role"], k["sha256"]) for k in document["keys"]]
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise InvalidArgument(f"cannot read API keys from {path}: {exc}; expected "
-                                      '{"keys": [{"name": ..., "role": ..., "sha256": ...}]}') from None
+                raise InvalidArgument(f"cannot read API keys from {path}: {exc}; expected {KEY_FILE_LAYOUT}") from None
         raw = (environ if environ is not None else os.environ).get(ENV_KEYS, "")
         for n, item in enumerate(filter(None, (part.strip() for part in raw.split(","))), start=1):
             role, sep, key = item.partition(":")
@@ -95,7 +95,7 @@ def add_key(path: str | Path, name: str, role: str) -> str:
     if role not in ROLES:
         raise InvalidArgument(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     path = Path(path)
-    document = json.loads(path.read_text()) if path.exists() else {"keys": []}
+    document = _read_key_file(path)
     if any(k["name"] == name for k in document["keys"]):
         raise InvalidArgument(f"a key named {name!r} already exists in {path}")
     key = "xm_" + secrets.token_urlsafe(32)
@@ -105,6 +105,28 @@ def add_key(path: str | Path, name: str, role: str) -> str:
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
     return key
+
+
+def _read_key_file(path: Path) -> dict:
+    """The key file's document ({"keys": []} for a new file in an existing folder).
+
+    Raises:
+        InvalidArgument: the folder is missing, or the file is not a key file.
+    """
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise InvalidArgument(f"folder {path.parent} does not exist: create it, or pass a key file in an "
+                                  "existing folder")
+        return {"keys": []}
+    try:
+        document = json.loads(path.read_text())
+        entries = document["keys"]
+        if not isinstance(entries, list) or not all(isinstance(k, dict) and "name" in k for k in entries):
+            raise TypeError("'keys' must be a list of objects with a name")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"cannot read API keys from {path}: {exc}; expected {KEY_FILE_LAYOUT}, or pass a "
+                              "new file") from None
+    return document
 
 
 def _deny(code: grpc.StatusCode, details: str, method: str):

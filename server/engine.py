@@ -42,7 +42,7 @@ class SearchEngine:
 
     def __init__(self, data_dir: str | Path, encoder: Encoder, *, limits: Limits | None = None):
         self.data = DataDir(data_dir)
-        self.data.root.mkdir(parents=True, exist_ok=True)
+        self.data.create()
         self.encoder = encoder
         self.limits = limits or Limits()
         self.catalog = Catalog(self.data.catalog_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from concurrent import futures
 from datetime import datetime, timezone
@@ -179,10 +180,25 @@ class TLSConfig:
             self.client_ca = Path(client_ca).read_bytes() if client_ca else None
         except OSError as exc:
             raise InvalidArgument(f"cannot read TLS file: {exc}") from None
+        for name, pem in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
+            if pem is not None and b"-----BEGIN" not in pem:
+                raise InvalidArgument(f"the TLS {name} file is not PEM (no '-----BEGIN' line): pass a PEM file")
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
                                            require_client_auth=self.client_ca is not None)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port in use with a clear error, before gRPC logs its own bind failure."""
+    if port == 0:
+        return
+    try:
+        with socket.create_server((host.strip("[]"), port)):
+            pass
+    except OSError as exc:
+        raise FailedPrecondition(f"could not bind {host}:{port} ({exc.strerror or exc}): is the port in use? "
+                                 "(--port 0 takes any free port)") from None
 
 
 class Server:
@@ -214,7 +230,8 @@ class Server:
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="xmodal-rpc"),
             interceptors=interceptors,
             maximum_concurrent_rpcs=max_concurrent,
-            options=[("grpc.max_receive_message_length", max_message_bytes),
+            # so_reuseport off: a second server on a port in use must fail, not share it silently
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max(max_message_bytes, MAX_MESSAGE_BYTES))],
         )
         pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(engine, self.refitter), self.grpc_server)
@@ -226,10 +243,14 @@ class Server:
             self.grpc_server,
         )
         address = f"{host}:{port}"
-        self.port = (self.grpc_server.add_secure_port(address, tls.credentials()) if tls
-                     else self.grpc_server.add_insecure_port(address))
+        _check_port_free(host, port)
+        try:
+            self.port = (self.grpc_server.add_secure_port(address, tls.credentials()) if tls
+                         else self.grpc_server.add_insecure_port(address))
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {address}: is the port in use?")
+            raise FailedPrecondition(f"could not bind {address}: is the port in use? (--port 0 takes any free port)")
         self.host = host
         engine.on_swap(self._set_health)
 
