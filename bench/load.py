@@ -20,66 +20,93 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from xmodal.client import SearchClient, XmodalError
+from xmodal.client import RefitRun, SearchClient, XmodalError
 from xmodal.indexer import world
 
 
-def run_load(server: str, *, clients: int, seconds: float, feedback_share: float, refit: str | None,
-             api_key: str | None, item_ids: list[str], seed: int = 0,
-             feedback_pairs: list[tuple[str, str]] | None = None) -> dict:
-    """Run the load; ``feedback_pairs`` (query text, relevant id) make the feedback
-    meaningful, otherwise it pairs random captions with random items (a refit on that is
-    expected to be rejected by the gate)."""
-    latencies: dict[str, list[float]] = collections.defaultdict(list)
-    errors: collections.Counter = collections.Counter()
-    lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
-    queries = [world.caption(s, random.Random(seed).choice(["source", "target", "user"]))
-               for s in world.scenes(500, seed=seed + 1)]
+@dataclass(frozen=True)
+class LoadPlan:
+    """What every client thread shares: where to send calls, what to send, and until when."""
 
-    def worker(n: int):
-        rng = random.Random(seed * 1000 + n)
-        with SearchClient(server, api_key=api_key, timeout=30) as client:
-            while time.monotonic() < stop_at:
-                roll = rng.random()
-                kind = "feedback" if roll < feedback_share else ("search_item" if roll < 0.5 else "search_text")
-                started = time.perf_counter()
-                try:
-                    if kind == "feedback":
-                        text, relevant = rng.choice(feedback_pairs) if feedback_pairs else \
-                            (rng.choice(queries), rng.choice(item_ids))
-                        client.submit_feedback(text=text, relevant=[relevant], source="load")
-                    elif kind == "search_item":
-                        client.search(item_id=rng.choice(item_ids), k=10)
-                    else:
-                        client.search(text=rng.choice(queries), k=10)
-                    elapsed = (time.perf_counter() - started) * 1e3
-                    with lock:
-                        latencies[kind].append(elapsed)
-                except XmodalError as exc:
-                    with lock:
-                        errors[f"{kind}:{exc.code}"] += 1
+    server: str
+    api_key: str | None
+    feedback_share: float
+    item_ids: list[str]
+    queries: list[str]
+    feedback_pairs: list[tuple[str, str]] | None
+    seed: int
+    stop_at: float  # time.monotonic() deadline
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
-    began = time.monotonic()
-    for thread in threads:
-        thread.start()
-    refit_run = None
-    if refit:
-        time.sleep(seconds / 2)
-        with SearchClient(server, api_key=api_key) as admin:
-            run_id = admin.refit(refit)
-            refit_run = admin.wait_for_refit(run_id, timeout=max(60.0, seconds * 4))
-    for thread in threads:
-        thread.join()
-    wall = time.monotonic() - began
+
+@dataclass
+class Tally:
+    """Latencies (ms) and error counts per call kind, shared by the client threads under one lock."""
+
+    latencies: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, kind: str, elapsed_ms: float) -> None:
+        with self.lock:
+            self.latencies[kind].append(elapsed_ms)
+
+    def error(self, kind: str, code) -> None:
+        with self.lock:
+            self.errors[f"{kind}:{code}"] += 1
+
+
+def load_queries(seed: int) -> list[str]:
+    """500 seeded captions; the phrasing is drawn once from ``seed``, so one run uses a single phrasing."""
+    style = random.Random(seed).choice(["source", "target", "user"])
+    return [world.caption(s, style) for s in world.scenes(500, seed=seed + 1)]
+
+
+def one_call(client: SearchClient, kind: str, rng: random.Random, plan: LoadPlan) -> None:
+    """Send one call of ``kind``; without feedback pairs, feedback pairs a random caption with a random item."""
+    if kind == "feedback":
+        text, relevant = rng.choice(plan.feedback_pairs) if plan.feedback_pairs else \
+            (rng.choice(plan.queries), rng.choice(plan.item_ids))
+        client.submit_feedback(text=text, relevant=[relevant], source="load")
+    elif kind == "search_item":
+        client.search(item_id=rng.choice(plan.item_ids), k=10)
+    else:
+        client.search(text=rng.choice(plan.queries), k=10)
+
+
+def client_loop(n: int, plan: LoadPlan, tally: Tally) -> None:
+    """One simulated client (own seeded rng and channel) calling until the deadline; only successes are timed."""
+    rng = random.Random(plan.seed * 1000 + n)
+    with SearchClient(plan.server, api_key=plan.api_key, timeout=30) as client:
+        while time.monotonic() < plan.stop_at:
+            roll = rng.random()
+            kind = "feedback" if roll < plan.feedback_share else ("search_item" if roll < 0.5 else "search_text")
+            started = time.perf_counter()
+            try:
+                one_call(client, kind, rng, plan)
+                tally.record(kind, (time.perf_counter() - started) * 1e3)
+            except XmodalError as exc:
+                tally.error(kind, exc.code)
+
+
+def refit_halfway(server: str, api_key: str | None, mode: str, seconds: float) -> RefitRun:
+    """Start one refit halfway through the load and wait for its verdict (the clients keep calling)."""
+    time.sleep(seconds / 2)
+    with SearchClient(server, api_key=api_key) as admin:
+        run_id = admin.refit(mode)
+        return admin.wait_for_refit(run_id, timeout=max(60.0, seconds * 4))
+
+
+def summarise(tally: Tally, clients: int, wall: float, refit_run: RefitRun | None) -> dict:
+    """The report: throughput, p50/p99 overall and per call kind, errors by kind:status, and the refit."""
+    latencies = tally.latencies
     total = sum(len(v) for v in latencies.values())
     report = {"clients": clients, "seconds": wall, "calls": total, "throughput": total / wall,
-              "errors": dict(errors), "kinds": {}}
+              "errors": dict(tally.errors), "kinds": {}}
     for kind, values in sorted(latencies.items()):
         arr = np.asarray(values)
         report["kinds"][kind] = {"calls": len(arr), "p50_ms": float(np.percentile(arr, 50)),
@@ -89,8 +116,29 @@ def run_load(server: str, *, clients: int, seconds: float, feedback_share: float
     if refit_run is not None:
         report["refit"] = {"run_id": refit_run.run_id, "mode": refit_run.mode, "state": refit_run.state,
                            "duration_s": refit_run.duration_s, "message": refit_run.message,
-                           "before": refit_run.before, "after": {k: v for k, v in refit_run.after.items() if k != "fit"}}
+                           "before": refit_run.before,
+                           "after": {k: v for k, v in refit_run.after.items() if k != "fit"}}
     return report
+
+
+def run_load(server: str, *, clients: int, seconds: float, feedback_share: float, refit: str | None,
+             api_key: str | None, item_ids: list[str], seed: int = 0,
+             feedback_pairs: list[tuple[str, str]] | None = None) -> dict:
+    """Run the load; ``feedback_pairs`` (query text, relevant id) make the feedback
+    meaningful, otherwise it pairs random captions with random items (a refit on that is
+    expected to be rejected by the gate)."""
+    tally = Tally()
+    stop_at = time.monotonic() + seconds
+    plan = LoadPlan(server=server, api_key=api_key, feedback_share=feedback_share, item_ids=item_ids,
+                    queries=load_queries(seed), feedback_pairs=feedback_pairs, seed=seed, stop_at=stop_at)
+    threads = [threading.Thread(target=client_loop, args=(n, plan, tally)) for n in range(clients)]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    refit_run = refit_halfway(server, api_key, refit, seconds) if refit else None
+    for thread in threads:
+        thread.join()
+    return summarise(tally, clients, time.monotonic() - began, refit_run)
 
 
 def print_report(report: dict) -> None:
@@ -101,7 +149,8 @@ def print_report(report: dict) -> None:
     print(f"  errors: {sum(report['errors'].values())} {report['errors'] or ''}")
     if "refit" in report:
         r = report["refit"]
-        print(f"  refit during the load: {r['run_id']} {r['mode']} {r['state']} in {r['duration_s']:.1f} s ({r['message']})")
+        print(f"  refit during the load: {r['run_id']} {r['mode']} {r['state']} in {r['duration_s']:.1f} s "
+              f"({r['message']})")
         print(f"    gate figures before {r['before']}, after {r['after']}")
 
 
@@ -114,7 +163,8 @@ def self_test(args) -> dict:
         corpus = world.write_corpus(Path(tmp) / "corpus", n=args.pairs, seed=3, style="target", image_size=64)
         index_corpus(corpus, Path(tmp) / "data", load_encoder("xmodal-demo", None), progress=False)
         port_file = Path(tmp) / "port"
-        server = subprocess.Popen([sys.executable, "-m", "xmodal.server.cli", "serve", "--data", str(Path(tmp) / "data"),
+        server = subprocess.Popen([sys.executable, "-m", "xmodal.server.cli", "serve",
+                                   "--data", str(Path(tmp) / "data"),
                                    "--port", "0", "--port-file", str(port_file), "--refit-epochs", "20"],
                                   stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "serve.log", "w"),
                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -127,7 +177,8 @@ def self_test(args) -> dict:
             with SearchClient(address) as client:
                 client.wait_until_serving(60)
             ids = [f"target-3-{i:06d}" for i in range(args.pairs)]
-            pairs = [(world.caption(scene, "user"), item_id) for scene, item_id in zip(world.scenes(args.pairs, 3), ids)]
+            pairs = [(world.caption(scene, "user"), item_id)
+                     for scene, item_id in zip(world.scenes(args.pairs, 3), ids, strict=True)]
             return run_load(address, clients=args.clients, seconds=args.seconds, feedback_share=args.feedback_share,
                             refit=args.refit, api_key=None, item_ids=ids, feedback_pairs=pairs)
         finally:
