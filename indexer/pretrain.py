@@ -278,6 +278,51 @@ def pretrain(
         InvalidArgument: a bad argument, or the loss became non-finite.
         FileNotFoundError: ``out_dir`` has no config.
     """
+    warmup = _check_arguments(steps=steps, batch_size=batch_size, seed=seed, lr=lr, weight_decay=weight_decay,
+                              warmup=warmup, threads=threads, minutes=minutes, eval_scenes=eval_scenes)
+    config = load_config(out_dir)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    model = build_model(config, seed)
+    model.train()
+    # The tokenizer open_clip itself returns for this folder, so training and serving
+    # tokenise identically (context length from the config's text_cfg).
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{Path(out_dir).resolve()}")
+    normaliser = Normaliser(config)
+    optimiser = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    started = time.monotonic()
+    losses = _run_steps(model, optimiser, tokenizer, normaliser, steps=steps, batch_size=batch_size, seed=seed,
+                        lr=lr, warmup=warmup, deadline=started + minutes * 60 if minutes is not None else None,
+                        progress=progress)
+    if not losses:
+        raise InvalidArgument(f"the {minutes}-minute cap left no time for a single step: raise --minutes")
+    report = {
+        "steps": len(losses),
+        "planned_steps": steps,
+        "stopped_early": len(losses) < steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "seconds": round(time.monotonic() - started, 1),
+        "final_loss": float(np.mean(losses[-20:])),
+        "last_loss": losses[-1],
+        "logit_scale": float(model.logit_scale.exp().item()),
+    }
+    if eval_scenes:
+        # Evaluate the fp16-rounded weights, i.e. what is shipped.
+        model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+        report["source"] = retrieval(model, normaliser, tokenizer, n=eval_scenes, style="source")
+        report["target"] = retrieval(model, normaliser, tokenizer, n=eval_scenes, style="target")
+    path = save_weights(model, out_dir, {"steps": len(losses), "batch_size": batch_size, "seed": seed, "lr": lr})
+    report["weights"] = str(path)
+    report["weights_bytes"] = path.stat().st_size
+    return report
+
+
+def _check_arguments(*, steps: int, batch_size: int, seed: int, lr: float, weight_decay: float,
+                     warmup: int | None, threads: int | None, minutes: float | None, eval_scenes: int) -> int:
+    """Validate :func:`pretrain`'s arguments; returns the warmup (default 5% of steps)."""
     if not isinstance(steps, int) or steps < 1:
         raise InvalidArgument(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(batch_size, int) or batch_size < 2:
@@ -299,29 +344,19 @@ def pretrain(
         warmup = max(1, steps // 20)
     if warmup < 1:
         raise InvalidArgument(f"warmup must be >= 1, got {warmup!r}")
+    return warmup
 
-    config = load_config(out_dir)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    random.seed(seed)
-    np.random.seed(seed)
-    model = build_model(config, seed)
-    model.train()
-    # The tokenizer open_clip itself returns for this folder, so training and serving
-    # tokenise identically (context length from the config's text_cfg).
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{Path(out_dir).resolve()}")
-    normaliser = Normaliser(config)
-    loss_fn = open_clip.ClipLoss()
-    optimiser = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    max_scale = math.log(100.0)
 
+def _run_steps(model, optimiser, tokenizer, normaliser: "Normaliser", *, steps: int, batch_size: int, seed: int,
+               lr: float, warmup: int, deadline: float | None, progress: bool) -> list[float]:
+    """The training loop (cosine schedule, clipped gradients, clamped logit scale); returns
+    the loss of each step done (fewer than ``steps`` when ``deadline`` passes)."""
     from tqdm import tqdm
 
-    started = time.monotonic()
-    deadline = started + minutes * 60 if minutes is not None else None
+    loss_fn = open_clip.ClipLoss()
+    max_scale = math.log(100.0)
     losses: list[float] = []
     bar = tqdm(total=steps, disable=not progress, desc="pretrain", unit="step", file=sys.stderr)
-    done = 0
     for step in range(steps):
         if deadline is not None and time.monotonic() >= deadline:
             break
@@ -329,8 +364,7 @@ def pretrain(
             group["lr"] = lr_at(step, steps, lr, warmup)
         # A fresh scene seed per step: every batch is new scenes (the caption space is
         # finite, but positions jitter and combinations vary), so nothing is memorised.
-        scene_seed = (seed << 32) | step
-        images, tokens = make_batch(world.scenes(batch_size, scene_seed), "source", normaliser, tokenizer, 0)
+        images, tokens = make_batch(world.scenes(batch_size, (seed << 32) | step), "source", normaliser, tokenizer, 0)
         image_features, text_features, logit_scale = model(images, tokens)
         loss = loss_fn(image_features, text_features, logit_scale)
         if not torch.isfinite(loss):
@@ -343,34 +377,10 @@ def pretrain(
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_scale)
         losses.append(float(loss.item()))
-        done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
     bar.close()
-    seconds = time.monotonic() - started
-    if done == 0:
-        raise InvalidArgument(f"the {minutes}-minute cap left no time for a single step: raise --minutes")
-
-    report = {
-        "steps": done,
-        "planned_steps": steps,
-        "stopped_early": done < steps,
-        "batch_size": batch_size,
-        "seed": seed,
-        "seconds": round(seconds, 1),
-        "final_loss": float(np.mean(losses[-20:])),
-        "last_loss": losses[-1],
-        "logit_scale": float(model.logit_scale.exp().item()),
-    }
-    if eval_scenes:
-        # Evaluate the fp16-rounded weights, i.e. what is shipped.
-        model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
-        report["source"] = retrieval(model, normaliser, tokenizer, n=eval_scenes, style="source")
-        report["target"] = retrieval(model, normaliser, tokenizer, n=eval_scenes, style="target")
-    path = save_weights(model, out_dir, {"steps": done, "batch_size": batch_size, "seed": seed, "lr": lr})
-    report["weights"] = str(path)
-    report["weights_bytes"] = path.stat().st_size
-    return report
+    return losses
 
 
 def main(argv: Sequence[str] | None = None) -> int:
