@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from typing import Any
 
 from xmodal.client import RefitRun, SearchClient, XmodalError
 from xmodal.indexer import world
@@ -105,7 +106,7 @@ def summarise(tally: Tally, clients: int, wall: float, refit_run: RefitRun | Non
     """The report: throughput, p50/p99 overall and per call kind, errors by kind:status, and the refit."""
     latencies = tally.latencies
     total = sum(len(v) for v in latencies.values())
-    report = {"clients": clients, "seconds": wall, "calls": total, "throughput": total / wall,
+    report: dict[str, Any] = {"clients": clients, "seconds": wall, "calls": total, "throughput": total / wall,
               "errors": dict(tally.errors), "kinds": {}}
     for kind, values in sorted(latencies.items()):
         arr = np.asarray(values)

@@ -71,7 +71,7 @@ def run_size(n_images: int, args, dim: int, spec) -> dict:
                     raise RuntimeError((Path(tmp) / "serve.log").read_text())
                 time.sleep(0.1)
             queries = [world.caption(s) for s in world.scenes(args.queries + 20, seed=7)]
-            stages = {"encode": [], "head": [], "faiss": [], "grpc": [], "total": []}
+            stages: dict[str, list[float]] = {"encode": [], "head": [], "faiss": [], "grpc": [], "total": []}
             with SearchClient(f"127.0.0.1:{port_file.read_text()}") as client:
                 client.wait_until_serving(60)
                 for query in queries[:20]:  # warm-up

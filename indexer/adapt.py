@@ -16,10 +16,10 @@ the benchmarks. The steps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 from .catalog import Catalog
 from .corpus import IMAGE, TEXT

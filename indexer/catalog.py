@@ -13,8 +13,9 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from .corpus import IMAGE, MODALITIES, TEXT, CorpusItem, CorpusPair
 from .errors import FailedPrecondition
@@ -88,7 +89,7 @@ class Catalog:
             self._local.conn = conn
         return conn
 
-    def tx(self) -> "_Transaction":
+    def tx(self) -> _Transaction:
         return _Transaction(self.db())
 
     def ensure_schema(self, sql: str) -> None:
@@ -221,7 +222,7 @@ class Catalog:
                 self._rows_by_id("id, modality, text, source, metadata, content_hash", ids)}
 
     # -- snapshots --------------------------------------------------------------------
-    def record_snapshot(self, manifest: "Manifest") -> None:
+    def record_snapshot(self, manifest: Manifest) -> None:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO snapshots (id, created_at, parent_id, manifest) VALUES (?, ?, ?, ?)",
                        (manifest.id, manifest.created_at, manifest.parent_id, json.dumps(manifest.to_dict())))

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from .errors import CorpusError
 
@@ -165,11 +165,11 @@ def _read_manifest(file: Path) -> Corpus:
         items[item.id] = item
     for pair in pairs:
         for item_id, modality in ((pair.image_id, IMAGE), (pair.text_id, TEXT)):
-            item = items.get(item_id)
-            if item is None:
+            found = items.get(item_id)
+            if found is None:
                 raise CorpusError(f"{file}: pair names unknown {modality} item {item_id!r}")
-            if item.modality != modality:
-                raise CorpusError(f"{file}: pair names {item_id!r} as {modality}, but it is a {item.modality} item")
+            if found.modality != modality:
+                raise CorpusError(f"{file}: pair names {item_id!r} as {modality}, but it is a {found.modality} item")
     if not items:
         raise CorpusError(f"{file} holds no items")
     return Corpus(list(items.values()), pairs, root)

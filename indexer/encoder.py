@@ -20,13 +20,14 @@ import logging
 import os
 import pickle
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import open_clip
 import torch
+from typing import Any, cast
 
 from .errors import ModelUnavailable
 
@@ -95,10 +96,11 @@ def _resolve(model: str, pretrained: str | None) -> ModelSpec:
                 f"{folder} is not an open_clip local-dir model: it needs open_clip_config.json "
                 "and open_clip_model.safetensors"
             )
-        weights = [p for p in (folder / "open_clip_model.safetensors", folder / "open_clip_pytorch_model.bin") if p.is_file()]
-        if not weights:
+        files = [folder / "open_clip_model.safetensors", folder / "open_clip_pytorch_model.bin"]
+        found = [p for p in files if p.is_file()]
+        if not found:
             raise ModelUnavailable(f"{folder} has no open_clip_model.safetensors; {_ALTERNATIVES}")
-        return ModelSpec(f"local-dir:{folder.resolve()}", None, f"local-dir@sha256:{file_sha256(weights[0])[:16]}")
+        return ModelSpec(f"local-dir:{folder.resolve()}", None, f"local-dir@sha256:{file_sha256(found[0])[:16]}")
     if model == DEMO_MODEL:
         _register_demo_config()
     if model not in open_clip.list_models():
@@ -131,9 +133,9 @@ class Encoder:
 
     def __init__(self, spec: ModelSpec, model: torch.nn.Module, preprocess, tokenizer):
         self.spec = spec
-        self.model = model.eval()
+        self.model: Any = cast(Any, model).eval()  # an open_clip CLIP (encode_image / encode_text)
         self.preprocess = preprocess
-        self.tokenizer = tokenizer
+        self.tokenizer: Any = tokenizer
         self._lock = threading.Lock()
         with torch.inference_mode():
             probe = self.model.encode_text(self.tokenizer(["probe"]))

@@ -59,7 +59,11 @@ def pair_metrics(image_ids: list[str], image_vecs: np.ndarray, text_ids: list[st
         return {}
     g_img = {i: n for n, i in enumerate(images)}
     g_txt = {t: n for n, t in enumerate(texts)}
-    group = (lambda t: text_groups.get(t, t)) if text_groups else (lambda t: t)
+    groups = text_groups or {}
+
+    def group(text_id: str) -> str:
+        return groups.get(text_id, text_id)
+
     members: dict[str, list[str]] = {}
     for t in texts:
         members.setdefault(group(t), []).append(t)

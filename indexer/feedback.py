@@ -13,7 +13,8 @@ import hashlib
 import json
 import sqlite3
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -93,8 +94,8 @@ def feedback_query_key(kind: str, content: str | bytes) -> str:
     if kind == "text":
         return "text:" + " ".join(str(content).lower().split())
     if kind == "image":
-        return "image:" + hashlib.sha256(bytes(content)).hexdigest()
-    return f"{kind}:{content}"
+        return "image:" + hashlib.sha256(content if isinstance(content, bytes) else content.encode()).hexdigest()
+    return f"{kind}:{content!s}"
 
 
 def event_query_key(event) -> str:
@@ -152,11 +153,15 @@ def feedback_pairs(catalog: Catalog, events, vectors: Vectors,
             target = gallery.array[gallery.rows[item]]
             modality_counts[query_modality] += 1
             if query_modality == TEXT:
-                image.append(target), text.append(query)
-                ikeys.append(key_of(IMAGE, item)), tkeys.append(query_key)
+                image.append(target)
+                text.append(query)
+                ikeys.append(key_of(IMAGE, item))
+                tkeys.append(query_key)
             else:
-                image.append(query), text.append(target)
-                ikeys.append(query_key), tkeys.append(key_of(TEXT, item))
+                image.append(query)
+                text.append(target)
+                ikeys.append(query_key)
+                tkeys.append(key_of(TEXT, item))
             weights.append(event["weight"] * weight_scale)
             for row in wrong:
                 hard.append(gallery.array[row])
@@ -164,7 +169,7 @@ def feedback_pairs(catalog: Catalog, events, vectors: Vectors,
                 hard_is_image.append(other == IMAGE)
     if not image:
         return None, None
-    main = max(modality_counts, key=modality_counts.get)
+    main = max(modality_counts, key=lambda modality: modality_counts[modality])
     dim = len(image[0])
     return PairSet(np.stack(image), np.stack(text), np.asarray(ikeys, np.int64), np.asarray(tkeys, np.int64),
                    weights=np.asarray(weights, np.float32),

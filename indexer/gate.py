@@ -61,7 +61,7 @@ class Gate:
         corpus = validation_recall(head, self.corpus_val, relevant=self._relevant) if len(self.corpus_val) else None
         return {CORPUS: corpus, FEEDBACK: feedback_recall(head, self.val_queries, self.vectors)}
 
-    def protecting(self, head: Head, tolerance: float) -> "Gate":
+    def protecting(self, head: Head, tolerance: float) -> Gate:
         """This gate, guarding ``head``'s current figures."""
         return Gate(self.corpus_val, self.val_queries, self.vectors, self.figures(head), tolerance)
 
@@ -72,9 +72,13 @@ class Gate:
         if self.reference is None:
             return []
         sizes = self.sizes()
-        return [name for name in FIGURES
-                if self.reference[name] is not None and figures[name] is not None
-                and figures[name] < self.reference[name] - max(self.tolerance, 1.0 / max(sizes[name], 1))]
+        worse = []
+        for name in FIGURES:
+            before, after = self.reference[name], figures[name]
+            if before is not None and after is not None \
+                    and after < before - max(self.tolerance, 1.0 / max(sizes[name], 1)):
+                worse.append(name)
+        return worse
 
     def score(self, head: Head) -> float | None:
         """What a fit early-stops on: the mean of the figures; -1 for a head the gate would

@@ -40,6 +40,9 @@ DEFAULT_HIDDEN = 512
 class PCAProjection(torch.nn.Module):
     """(x - mean) @ components.T, fitted from data (buffers, not parameters)."""
 
+    mean: torch.Tensor
+    components: torch.Tensor
+
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim_in))
@@ -68,6 +71,7 @@ class Residual(torch.nn.Module):
         super().__init__()
         # Identity skip when the size is kept: an untrained head is exactly zero-shot.
         self.skip = torch.nn.Identity() if dim_in == dim_out else torch.nn.Linear(dim_in, dim_out, bias=False)
+        self.fc1: torch.nn.Linear | None
         if hidden:
             self.fc1 = torch.nn.Linear(dim_in, hidden)
             self.fc2 = torch.nn.Linear(hidden, dim_out)
@@ -163,7 +167,7 @@ class Head(torch.nn.Module):
         self.query_adapters[modality] = QueryAdapter(self.dim_in, self.dim_out, self.options["adapter_hidden"])
         self.options["query_adapters"] = sorted(self.query_adapters.keys())
 
-    def without_query_adapters(self) -> "Head":
+    def without_query_adapters(self) -> Head:
         """A copy with the same projections and no query adapters (for full refits)."""
         options = {k: v for k, v in self.options.items() if k not in ("query_adapters", "adapter_hidden")}
         head = Head(self.kind, self.dim_in, self.dim_out, options)

@@ -61,8 +61,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             # We enforce our own limit above; PIL's own warning would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as exc:
         raise ResourceExhausted(f"image refused as a decompression bomb ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -48,7 +48,7 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "manifest") -> "Manifest":
+    def from_dict(cls, values: dict[str, Any], where: str = "manifest") -> Manifest:
         """Raises FailedPrecondition for another schema or missing fields."""
         if values.get("schema_version") != MANIFEST_SCHEMA:
             raise FailedPrecondition(f"{where} has schema {values.get('schema_version')}, "
@@ -60,7 +60,7 @@ class Manifest:
             raise FailedPrecondition(f"{where} is incomplete: {exc}") from None
 
     @classmethod
-    def read(cls, folder: str | Path) -> "Manifest":
+    def read(cls, folder: str | Path) -> Manifest:
         """The manifest of a snapshot folder.
 
         Raises:

@@ -31,12 +31,13 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import open_clip
 import torch
+from typing import Any
 from safetensors.torch import save_file
 
 from . import world
@@ -298,7 +299,7 @@ def pretrain(
                         progress=progress)
     if not losses:
         raise InvalidArgument(f"the {minutes}-minute cap left no time for a single step: raise --minutes")
-    report = {
+    report: dict[str, Any] = {
         "steps": len(losses),
         "planned_steps": steps,
         "stopped_early": len(losses) < steps,
@@ -347,7 +348,7 @@ def _check_arguments(*, steps: int, batch_size: int, seed: int, lr: float, weigh
     return warmup
 
 
-def _run_steps(model, optimiser, tokenizer, normaliser: "Normaliser", *, steps: int, batch_size: int, seed: int,
+def _run_steps(model, optimiser, tokenizer, normaliser: Normaliser, *, steps: int, batch_size: int, seed: int,
                lr: float, warmup: int, deadline: float | None, progress: bool) -> list[float]:
     """The training loop (cosine schedule, clipped gradients, clamped logit scale); returns
     the loss of each step done (fewer than ``steps`` when ``deadline`` passes)."""

@@ -96,7 +96,7 @@ class DataDir:
         writer holds an flock on ``.tmp-<id>.lock``, which the kernel releases when the
         writer dies, even by SIGKILL.
         """
-        removed = []
+        removed: list[Path] = []
         if not self.snapshots.is_dir():
             return removed
         for path in sorted(self.snapshots.iterdir()):
@@ -248,7 +248,7 @@ class ModalityIndex:
 
     def vector(self, item_id: str) -> np.ndarray | None:
         row = self.rows.get(item_id)
-        return None if row is None else self.index.reconstruct(row)
+        return None if row is None else np.asarray(self.index.reconstruct(row))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, rows) for a batch of queries; rows are -1 past the end."""

@@ -14,8 +14,8 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from .catalog import Catalog
 from .corpus import IMAGE, TEXT
 from .errors import InvalidArgument
 from .evaluate import retrieval_metrics
-from .heads import DEFAULT_HEAD, HEAD_KINDS, TRAINABLE_KINDS, Head
+from .heads import DEFAULT_HEAD, HEAD_KINDS, TRAINABLE_KINDS, Head, PCAProjection
 from .losses import InfoNCELoss, pairwise_label_loss, supcon_loss
 from .store import BaseStore
 from .vectors import Vectors, load_vectors
@@ -120,11 +120,11 @@ class PairSet:
     def n_hard(self) -> int:
         return 0 if self.hard is None else len(self.hard)
 
-    def subset(self, rows: np.ndarray) -> "PairSet":
+    def subset(self, rows: np.ndarray) -> PairSet:
         rows = np.asarray(rows)
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
-        hard = (None, None, None)
-        if self.hard is not None:
+        hard: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] = (None, None, None)
+        if self.hard is not None and self.hard_rows is not None and self.hard_is_image is not None:
             where = np.full(len(self), -1, np.int64)
             where[rows] = np.arange(len(rows))
             moved = where[self.hard_rows]
@@ -134,7 +134,7 @@ class PairSet:
                        pick(self.labels), pick(self.weights), *hard)
 
     @staticmethod
-    def concat(parts: list["PairSet"]) -> "PairSet":
+    def concat(parts: list[PairSet]) -> PairSet:
         """Concatenate pair sets. Keys are kept as they are: build the parts in one key
         space (:func:`item_key`), so that an image or caption shared by two parts stays one
         group instead of becoming its own negative."""
@@ -142,7 +142,7 @@ class PairSet:
             [p.labels if p.labels is not None else np.full(len(p), -1) for p in parts])
         weights = None if all(p.weights is None for p in parts) else np.concatenate(
             [p.weights if p.weights is not None else np.ones(len(p), np.float32) for p in parts])
-        hard = (None, None, None)
+        hard: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] = (None, None, None)
         if any(p.n_hard for p in parts):
             dim = parts[0].image.shape[1]
             offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
@@ -243,7 +243,10 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
                               f"{len(train)}: add pairs, or use --head identity")
     head = Head(config.kind, dim_in, config.dim_out, options)
     if config.kind == "pca":
-        head.projections["shared"].fit(np.concatenate([train.image, train.text]))
+        pca = head.projections["shared"]
+        if not isinstance(pca, PCAProjection):
+            raise InvalidArgument("a pca head projects through one shared PCAProjection")
+        pca.fit(np.concatenate([train.image, train.text]))
         report.stopped = "no training"
         report.seconds = time.perf_counter() - started
         return head.eval(), report

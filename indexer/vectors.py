@@ -44,14 +44,14 @@ class ModalityVectors:
         return {item_id: row for row, item_id in enumerate(self.ids)}
 
     @classmethod
-    def empty(cls, dim: int = 0) -> "ModalityVectors":
+    def empty(cls, dim: int = 0) -> ModalityVectors:
         return cls([], np.zeros((0, dim), np.float32))
 
 
 Vectors = dict[str, ModalityVectors]
 
 
-def load_vectors(store: "BaseStore") -> Vectors:
+def load_vectors(store: BaseStore) -> Vectors:
     """Every embedded item of both modalities, as float32."""
     return {modality: store.load(modality) for modality in MODALITIES}
 

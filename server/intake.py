@@ -53,18 +53,18 @@ class FeedbackIntake:
             if item_id not in rows:
                 raise NotFound(f"unknown query item id {item_id!r}")
             modality, shard, row = rows[item_id]
-            if shard is None:
+            if shard is None or row is None:
                 raise FailedPrecondition(f"item {item_id!r} has no embedding yet (not indexed, or undecodable)")
             base = self.store.vector(modality, shard, row)
             kind, query_text = "item_id", item_id
         else:
             modality, base = self.queries.encode_query(text=text, image=image)
             kind, query_text = ("text", text) if text is not None else ("image", "")
+        key = feedback_query_key(kind, image if image is not None else query_text)
         feedback_id = "fb-" + secrets.token_hex(8)
-        self.log.add(feedback_id=feedback_id, query_kind=kind, query_modality=modality,
-                                  query_text=query_text, embedding=np.asarray(base).reshape(-1), relevant=relevant,
-                                  irrelevant=irrelevant, weight=float(weight), source=source,
-                                  split=feedback_split(feedback_query_key(kind, image if kind == "image" else query_text)))
+        self.log.add(feedback_id=feedback_id, query_kind=kind, query_modality=modality, query_text=query_text,
+                     embedding=np.asarray(base).reshape(-1), relevant=relevant, irrelevant=irrelevant,
+                     weight=float(weight), source=source, split=feedback_split(key))
         return feedback_id
 
     def _check(self, text: str | None, image: bytes | None, item_id: str | None, relevant: list[str],

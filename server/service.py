@@ -30,7 +30,7 @@ from .refit import Refitter
 log = logging.getLogger(__name__)
 
 _TO_PROTO = {IMAGE: pb.MODALITY_IMAGE, TEXT: pb.MODALITY_TEXT}
-_FROM_PROTO = {pb.MODALITY_UNSPECIFIED: None, pb.MODALITY_IMAGE: IMAGE, pb.MODALITY_TEXT: TEXT}
+_FROM_PROTO: dict[int, str | None] = {pb.MODALITY_UNSPECIFIED: None, pb.MODALITY_IMAGE: IMAGE, pb.MODALITY_TEXT: TEXT}
 SEARCH_SERVICE = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 # Requests above this are refused by gRPC itself with RESOURCE_EXHAUSTED.
@@ -265,7 +265,7 @@ class Server:
         for service in ("", SEARCH_SERVICE):
             self.health.set(service, state)
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.grpc_server.start()
         return self
 
