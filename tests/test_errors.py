@@ -17,9 +17,7 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
-import zlib
 
 import grpc
 import pytest
@@ -29,21 +27,18 @@ from xmodal.v1 import xmodal_pb2 as pb
 from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
 
 from conftest import xmodal_cmd
+from test_fuzz import png_declaring
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
 INVALID, NOT_FOUND, EXHAUSTED = "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"
-SERVICE = {"Search": "search", "GetItems": "search", "SubmitFeedback": "search",
-           "Refit": "admin", "ListSnapshots": "admin", "Rollback": "admin"}
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares width x height RGB (a decompression bomb's shape)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
-        chunk(b"IEND", b"")
+SERVICE = {
+    "Search": "search",
+    "GetItems": "search",
+    "SubmitFeedback": "search",
+    "Refit": "admin",
+    "ListSnapshots": "admin",
+    "Rollback": "admin",
+}
 
 
 def truncated_png() -> bytes:
@@ -56,11 +51,16 @@ def search(query: pb.Query | None = None, k: int = 5, target: int = 0) -> pb.Sea
     return pb.SearchRequest(query=query, k=k, target=target)
 
 
-def feedback(item: str, *, query: pb.Query | None = None, relevant=None, irrelevant=(), weight: float = 1.0,
-             source: str = "") -> pb.SubmitFeedbackRequest:
-    return pb.SubmitFeedbackRequest(query=query if query is not None else pb.Query(text="a red circle"),
-                                    relevant_ids=[item] if relevant is None else relevant,
-                                    irrelevant_ids=list(irrelevant), weight=weight, source=source)
+def feedback(
+    item: str, *, query: pb.Query | None = None, relevant=None, irrelevant=(), weight: float = 1.0, source: str = ""
+) -> pb.SubmitFeedbackRequest:
+    return pb.SubmitFeedbackRequest(
+        query=query if query is not None else pb.Query(text="a red circle"),
+        relevant_ids=[item] if relevant is None else relevant,
+        irrelevant_ids=list(irrelevant),
+        weight=weight,
+        source=source,
+    )
 
 
 def rpc_case(name: str, method: str, make, code: str, details: str, *marks):
@@ -72,88 +72,268 @@ def rpc_case(name: str, method: str, make, code: str, details: str, *marks):
 RPC_CASES = [
     # -- Search ------------------------------------------------------------------------
     rpc_case("search-no-query", "Search", lambda item: search(), INVALID, "set one of query.text"),
-    rpc_case("search-empty-text", "Search", lambda item: search(pb.Query(text="")), INVALID,
-             "query text is empty: send the words"),
-    rpc_case("search-whitespace-text", "Search", lambda item: search(pb.Query(text=" \n\t ")), INVALID,
-             "query text is empty: send the words"),
-    rpc_case("search-text-too-long", "Search", lambda item: search(pb.Query(text="red " * 2_501)), EXHAUSTED,
-             "10,004 characters, over the limit of 10,000"),
-    rpc_case("search-image-not-an-image", "Search", lambda item: search(pb.Query(image=b"plain text, no picture")),
-             INVALID, "not a recognised image format: send JPEG, PNG"),
-    rpc_case("search-image-empty-bytes", "Search", lambda item: search(pb.Query(image=b"")), INVALID,
-             "image bytes are empty: send the encoded file"),
-    rpc_case("search-image-truncated", "Search", lambda item: search(pb.Query(image=truncated_png())), INVALID,
-             "truncated or corrupt"),
-    rpc_case("search-image-too-many-bytes", "Search", lambda item: search(pb.Query(image=bytes(20 * 2**20 + 1))),
-             EXHAUSTED, "20,971,521 bytes, over the limit of 20,971,520"),
-    rpc_case("search-image-too-many-pixels", "Search",
-             lambda item: search(pb.Query(image=png_declaring(10_000, 6_000))), EXHAUSTED,
-             "over the limit of 50,000,000: downscale it"),
-    rpc_case("search-k-zero", "Search", lambda item: search(pb.Query(text="red"), k=0), INVALID,
-             "k must be between 1 and 1000, got 0"),
-    rpc_case("search-k-negative", "Search", lambda item: search(pb.Query(text="red"), k=-3), INVALID,
-             "k must be between 1 and 1000, got -3"),
-    rpc_case("search-k-over-max", "Search", lambda item: search(pb.Query(text="red"), k=1001), INVALID,
-             "k must be between 1 and 1000, got 1001"),
-    rpc_case("search-unknown-target-modality", "Search", lambda item: search(pb.Query(text="red"), target=7),
-             INVALID, r"unknown modality 7: use MODALITY_IMAGE \(1\) or MODALITY_TEXT \(2\)"),
-    rpc_case("search-unknown-item-id", "Search", lambda item: search(pb.Query(item_id="no-such-item")), NOT_FOUND,
-             "no indexed item with id 'no-such-item'"),
-    rpc_case("search-empty-item-id", "Search", lambda item: search(pb.Query(item_id="")), INVALID,
-             "item_id is empty: pass the id of an indexed item"),
+    rpc_case(
+        "search-empty-text",
+        "Search",
+        lambda item: search(pb.Query(text="")),
+        INVALID,
+        "query text is empty: send the words",
+    ),
+    rpc_case(
+        "search-whitespace-text",
+        "Search",
+        lambda item: search(pb.Query(text=" \n\t ")),
+        INVALID,
+        "query text is empty: send the words",
+    ),
+    rpc_case(
+        "search-text-too-long",
+        "Search",
+        lambda item: search(pb.Query(text="red " * 2_501)),
+        EXHAUSTED,
+        "10,004 characters, over the limit of 10,000",
+    ),
+    rpc_case(
+        "search-image-not-an-image",
+        "Search",
+        lambda item: search(pb.Query(image=b"plain text, no picture")),
+        INVALID,
+        "not a recognised image format: send JPEG, PNG",
+    ),
+    rpc_case(
+        "search-image-empty-bytes",
+        "Search",
+        lambda item: search(pb.Query(image=b"")),
+        INVALID,
+        "image bytes are empty: send the encoded file",
+    ),
+    rpc_case(
+        "search-image-truncated",
+        "Search",
+        lambda item: search(pb.Query(image=truncated_png())),
+        INVALID,
+        "truncated or corrupt",
+    ),
+    rpc_case(
+        "search-image-too-many-bytes",
+        "Search",
+        lambda item: search(pb.Query(image=bytes(20 * 2**20 + 1))),
+        EXHAUSTED,
+        "20,971,521 bytes, over the limit of 20,971,520",
+    ),
+    rpc_case(
+        "search-image-too-many-pixels",
+        "Search",
+        lambda item: search(pb.Query(image=png_declaring(10_000, 6_000))),
+        EXHAUSTED,
+        "over the limit of 50,000,000: downscale it",
+    ),
+    rpc_case(
+        "search-k-zero",
+        "Search",
+        lambda item: search(pb.Query(text="red"), k=0),
+        INVALID,
+        "k must be between 1 and 1000, got 0",
+    ),
+    rpc_case(
+        "search-k-negative",
+        "Search",
+        lambda item: search(pb.Query(text="red"), k=-3),
+        INVALID,
+        "k must be between 1 and 1000, got -3",
+    ),
+    rpc_case(
+        "search-k-over-max",
+        "Search",
+        lambda item: search(pb.Query(text="red"), k=1001),
+        INVALID,
+        "k must be between 1 and 1000, got 1001",
+    ),
+    rpc_case(
+        "search-unknown-target-modality",
+        "Search",
+        lambda item: search(pb.Query(text="red"), target=7),
+        INVALID,
+        r"unknown modality 7: use MODALITY_IMAGE \(1\) or MODALITY_TEXT \(2\)",
+    ),
+    rpc_case(
+        "search-unknown-item-id",
+        "Search",
+        lambda item: search(pb.Query(item_id="no-such-item")),
+        NOT_FOUND,
+        "no indexed item with id 'no-such-item'",
+    ),
+    rpc_case(
+        "search-empty-item-id",
+        "Search",
+        lambda item: search(pb.Query(item_id="")),
+        INVALID,
+        "item_id is empty: pass the id of an indexed item",
+    ),
     # -- GetItems ----------------------------------------------------------------------
-    rpc_case("get-items-no-ids", "GetItems", lambda item: pb.GetItemsRequest(), INVALID,
-             "item_ids is empty: pass at least one item id"),
-    rpc_case("get-items-too-many-ids", "GetItems",
-             lambda item: pb.GetItemsRequest(item_ids=[f"id-{n}" for n in range(101)]), EXHAUSTED,
-             "101 ids in one request, over the limit of 100: split the request"),
-    rpc_case("get-items-unknown-ids", "GetItems", lambda item: pb.GetItemsRequest(item_ids=[item, "nope-1", "nope-2"]),
-             NOT_FOUND, "unknown item id\\(s\\): 'nope-1', 'nope-2'"),
-    rpc_case("get-items-empty-id", "GetItems", lambda item: pb.GetItemsRequest(item_ids=[item, ""]), INVALID,
-             "item id is empty"),
-    rpc_case("get-items-whitespace-id", "GetItems", lambda item: pb.GetItemsRequest(item_ids=["  "]), INVALID,
-             "item id is empty"),
+    rpc_case(
+        "get-items-no-ids",
+        "GetItems",
+        lambda item: pb.GetItemsRequest(),
+        INVALID,
+        "item_ids is empty: pass at least one item id",
+    ),
+    rpc_case(
+        "get-items-too-many-ids",
+        "GetItems",
+        lambda item: pb.GetItemsRequest(item_ids=[f"id-{n}" for n in range(101)]),
+        EXHAUSTED,
+        "101 ids in one request, over the limit of 100: split the request",
+    ),
+    rpc_case(
+        "get-items-unknown-ids",
+        "GetItems",
+        lambda item: pb.GetItemsRequest(item_ids=[item, "nope-1", "nope-2"]),
+        NOT_FOUND,
+        "unknown item id\\(s\\): 'nope-1', 'nope-2'",
+    ),
+    rpc_case(
+        "get-items-empty-id",
+        "GetItems",
+        lambda item: pb.GetItemsRequest(item_ids=[item, ""]),
+        INVALID,
+        "item id is empty",
+    ),
+    rpc_case(
+        "get-items-whitespace-id",
+        "GetItems",
+        lambda item: pb.GetItemsRequest(item_ids=["  "]),
+        INVALID,
+        "item id is empty",
+    ),
     # -- SubmitFeedback ----------------------------------------------------------------
-    rpc_case("feedback-no-query", "SubmitFeedback", lambda item: pb.SubmitFeedbackRequest(relevant_ids=[item]),
-             INVALID, "query is empty: set one of query.text"),
-    rpc_case("feedback-empty-query-text", "SubmitFeedback", lambda item: feedback(item, query=pb.Query(text=" ")),
-             INVALID, "query text is empty"),
-    rpc_case("feedback-query-not-an-image", "SubmitFeedback",
-             lambda item: feedback(item, query=pb.Query(image=b"GIF89a but not really")), INVALID,
-             "image header could not be read|not a recognised image format|truncated or corrupt"),
-    rpc_case("feedback-unknown-query-item", "SubmitFeedback",
-             lambda item: feedback(item, query=pb.Query(item_id="no-such-item")), NOT_FOUND,
-             "unknown query item id 'no-such-item'"),
-    rpc_case("feedback-empty-query-item", "SubmitFeedback", lambda item: feedback(item, query=pb.Query(item_id="")),
-             INVALID, "item_id is empty"),
-    rpc_case("feedback-no-relevant-ids", "SubmitFeedback", lambda item: feedback(item, relevant=[]), INVALID,
-             "at least one relevant item id"),
-    rpc_case("feedback-unknown-relevant-id", "SubmitFeedback", lambda item: feedback(item, relevant=[item, "nope"]),
-             NOT_FOUND, "unknown item id\\(s\\) in feedback: 'nope'"),
-    rpc_case("feedback-unknown-irrelevant-id", "SubmitFeedback", lambda item: feedback(item, irrelevant=["nope"]),
-             NOT_FOUND, "unknown item id\\(s\\) in feedback: 'nope'"),
-    rpc_case("feedback-empty-relevant-id", "SubmitFeedback", lambda item: feedback(item, relevant=[""]), INVALID,
-             "item id in relevant_ids or irrelevant_ids is empty"),
-    rpc_case("feedback-weight-nan", "SubmitFeedback", lambda item: feedback(item, weight=math.nan), INVALID,
-             r"weight must be a finite number in \(0, 100\], got nan"),
-    rpc_case("feedback-weight-inf", "SubmitFeedback", lambda item: feedback(item, weight=math.inf), INVALID,
-             r"weight must be a finite number in \(0, 100\], got inf"),
-    rpc_case("feedback-weight-negative", "SubmitFeedback", lambda item: feedback(item, weight=-1.0), INVALID,
-             r"weight must be a finite number in \(0, 100\], got -1"),
-    rpc_case("feedback-weight-over-100", "SubmitFeedback", lambda item: feedback(item, weight=101.0), INVALID,
-             r"weight must be a finite number in \(0, 100\], got 101"),
-    rpc_case("feedback-too-many-ids", "SubmitFeedback",
-             lambda item: feedback(item, relevant=[item] * 60, irrelevant=[item] * 41), EXHAUSTED,
-             "101 item ids in one feedback event, over the limit of 100"),
-    rpc_case("feedback-source-too-long", "SubmitFeedback", lambda item: feedback(item, source="s" * 201), INVALID,
-             "source tag is longer than 200 characters"),
+    rpc_case(
+        "feedback-no-query",
+        "SubmitFeedback",
+        lambda item: pb.SubmitFeedbackRequest(relevant_ids=[item]),
+        INVALID,
+        "query is empty: set one of query.text",
+    ),
+    rpc_case(
+        "feedback-empty-query-text",
+        "SubmitFeedback",
+        lambda item: feedback(item, query=pb.Query(text=" ")),
+        INVALID,
+        "query text is empty",
+    ),
+    rpc_case(
+        "feedback-query-not-an-image",
+        "SubmitFeedback",
+        lambda item: feedback(item, query=pb.Query(image=b"GIF89a but not really")),
+        INVALID,
+        "image header could not be read|not a recognised image format|truncated or corrupt",
+    ),
+    rpc_case(
+        "feedback-unknown-query-item",
+        "SubmitFeedback",
+        lambda item: feedback(item, query=pb.Query(item_id="no-such-item")),
+        NOT_FOUND,
+        "unknown query item id 'no-such-item'",
+    ),
+    rpc_case(
+        "feedback-empty-query-item",
+        "SubmitFeedback",
+        lambda item: feedback(item, query=pb.Query(item_id="")),
+        INVALID,
+        "item_id is empty",
+    ),
+    rpc_case(
+        "feedback-no-relevant-ids",
+        "SubmitFeedback",
+        lambda item: feedback(item, relevant=[]),
+        INVALID,
+        "at least one relevant item id",
+    ),
+    rpc_case(
+        "feedback-unknown-relevant-id",
+        "SubmitFeedback",
+        lambda item: feedback(item, relevant=[item, "nope"]),
+        NOT_FOUND,
+        "unknown item id\\(s\\) in feedback: 'nope'",
+    ),
+    rpc_case(
+        "feedback-unknown-irrelevant-id",
+        "SubmitFeedback",
+        lambda item: feedback(item, irrelevant=["nope"]),
+        NOT_FOUND,
+        "unknown item id\\(s\\) in feedback: 'nope'",
+    ),
+    rpc_case(
+        "feedback-empty-relevant-id",
+        "SubmitFeedback",
+        lambda item: feedback(item, relevant=[""]),
+        INVALID,
+        "item id in relevant_ids or irrelevant_ids is empty",
+    ),
+    rpc_case(
+        "feedback-weight-nan",
+        "SubmitFeedback",
+        lambda item: feedback(item, weight=math.nan),
+        INVALID,
+        r"weight must be a finite number in \(0, 100\], got nan",
+    ),
+    rpc_case(
+        "feedback-weight-inf",
+        "SubmitFeedback",
+        lambda item: feedback(item, weight=math.inf),
+        INVALID,
+        r"weight must be a finite number in \(0, 100\], got inf",
+    ),
+    rpc_case(
+        "feedback-weight-negative",
+        "SubmitFeedback",
+        lambda item: feedback(item, weight=-1.0),
+        INVALID,
+        r"weight must be a finite number in \(0, 100\], got -1",
+    ),
+    rpc_case(
+        "feedback-weight-over-100",
+        "SubmitFeedback",
+        lambda item: feedback(item, weight=101.0),
+        INVALID,
+        r"weight must be a finite number in \(0, 100\], got 101",
+    ),
+    rpc_case(
+        "feedback-too-many-ids",
+        "SubmitFeedback",
+        lambda item: feedback(item, relevant=[item] * 60, irrelevant=[item] * 41),
+        EXHAUSTED,
+        "101 item ids in one feedback event, over the limit of 100",
+    ),
+    rpc_case(
+        "feedback-source-too-long",
+        "SubmitFeedback",
+        lambda item: feedback(item, source="s" * 201),
+        INVALID,
+        "source tag is longer than 200 characters",
+    ),
     # -- AdminService ------------------------------------------------------------------
-    rpc_case("refit-unknown-mode", "Refit", lambda item: pb.RefitRequest(mode="sideways"), INVALID,
-             "refit mode must be one of auto, query, full, got 'sideways'"),
-    rpc_case("rollback-unknown-snapshot", "Rollback", lambda item: pb.RollbackRequest(snapshot_id="no-such-snapshot"),
-             NOT_FOUND, "no snapshot 'no-such-snapshot'; ListSnapshots shows the ones kept"),
-    rpc_case("rollback-empty-snapshot-id", "Rollback", lambda item: pb.RollbackRequest(snapshot_id=" "), INVALID,
-             "snapshot_id is empty: pass an id from ListSnapshots"),
+    rpc_case(
+        "refit-unknown-mode",
+        "Refit",
+        lambda item: pb.RefitRequest(mode="sideways"),
+        INVALID,
+        "refit mode must be one of auto, query, full, got 'sideways'",
+    ),
+    rpc_case(
+        "rollback-unknown-snapshot",
+        "Rollback",
+        lambda item: pb.RollbackRequest(snapshot_id="no-such-snapshot"),
+        NOT_FOUND,
+        "no snapshot 'no-such-snapshot'; ListSnapshots shows the ones kept",
+    ),
+    rpc_case(
+        "rollback-empty-snapshot-id",
+        "Rollback",
+        lambda item: pb.RollbackRequest(snapshot_id=" "),
+        INVALID,
+        "snapshot_id is empty: pass an id from ListSnapshots",
+    ),
 ]
 
 
@@ -190,15 +370,6 @@ def test_list_snapshots_and_status_answer(stubs):
 
 
 # -- the command line ------------------------------------------------------------------------
-# Known causes of the cases marked xfail: see the reasons; remove a mark with its fix.
-CLI_FEEDBACK_FILE = "server/cli/client_commands.py FeedbackCommand.run parses --file lines with bare " \
-    "json.loads, set(event) and float(weight): a bad line is a traceback, or SystemExit via usage_error (exit 1); " \
-    "read and check every line before sending any (JSON object, known fields, numeric weight, list of ids) and " \
-    "raise InvalidArgument(f'{file}:{n}: ...')"
-CLI_USAGE_ERROR = "server/cli/_common.py usage_error() returns SystemExit('xmodal CMD: ...'), which exits 1: " \
-    "return xmodal.indexer.errors.InvalidArgument(message) instead (main prints 'xmodal CMD: error: ...', exit 2)"
-CLI_REFIT_BOTH = "server/cli/client_commands.py RefitCommand.validate raises SystemExit('xmodal refit: ...') " \
-    "(exit 1): raise usage_error(args, ...) once usage_error returns InvalidArgument"
 
 
 def cli_case(name: str, args, *marks, usage: bool = False, details: str = ""):
@@ -208,100 +379,200 @@ def cli_case(name: str, args, *marks, usage: bool = False, details: str = ""):
 
 
 CLI_CASES = [
-    cli_case("search-k-zero", lambda c: ["search", "--server", c["server"], "--text", "red", "-k", "0"],
-             details="k must be between 1 and 1000, got 0"),
-    cli_case("search-k-over-max", lambda c: ["search", "--server", c["server"], "--text", "red", "-k", "5000"],
-             details="k must be between 1 and 1000"),
-    cli_case("search-empty-text", lambda c: ["search", "--server", c["server"], "--text", " "],
-             details="query text is empty"),
-    cli_case("search-image-not-an-image", lambda c: ["search", "--server", c["server"], "--image", c["notes"]],
-             details="not a recognised image format"),
-    cli_case("search-image-missing-file", lambda c: ["search", "--server", c["server"], "--image", c["missing"]],
-             details="cannot read the query image .*: pass the path of an image file"),
-    cli_case("search-unknown-item", lambda c: ["search", "--server", c["server"], "--item", "no-such-item"],
-             details="no indexed item with id 'no-such-item'"),
-    cli_case("search-unknown-target", lambda c: ["search", "--server", c["server"], "--text", "red", "--target", "x"],
-             usage=True, details="invalid choice"),
-    cli_case("search-nothing-listens", lambda c: ["search", "--server", c["dead"], "--text", "red", "--timeout", "5"],
-             details="unavailable"),
-    cli_case("search-empty-server", lambda c: ["search", "--server", "", "--text", "red"],
-             details="server address '' is empty: pass host:port"),
-    cli_case("status-nothing-listens", lambda c: ["status", "--server", c["dead"], "--timeout", "5"],
-             details="unavailable"),
-    cli_case("feedback-file-not-json", lambda c: ["feedback", "--server", c["server"], "--file", c["not_json"]],
-             pytest.mark.xfail(reason=CLI_FEEDBACK_FILE, strict=True), details="line 1"),
-    cli_case("feedback-file-unknown-field",
-             lambda c: ["feedback", "--server", c["server"], "--file", c["unknown_field"]],
-             pytest.mark.xfail(reason=CLI_FEEDBACK_FILE, strict=True), details="line 1: unknown field.*colour"),
-    cli_case("feedback-file-line-not-an-object", lambda c: ["feedback", "--server", c["server"], "--file", c["string"]],
-             pytest.mark.xfail(reason=CLI_FEEDBACK_FILE, strict=True), details="line 1"),
-    cli_case("feedback-file-weight-not-a-number",
-             lambda c: ["feedback", "--server", c["server"], "--file", c["bad_weight"]],
-             pytest.mark.xfail(reason=CLI_FEEDBACK_FILE, strict=True), details="line 1.*weight"),
-    cli_case("feedback-file-missing", lambda c: ["feedback", "--server", c["server"], "--file", c["missing"]],
-             details="No such file"),
-    cli_case("feedback-unknown-relevant-id",
-             lambda c: ["feedback", "--server", c["server"], "--text", "red", "--relevant", "no-such-item"],
-             details="unknown item id\\(s\\) in feedback: 'no-such-item'"),
-    cli_case("feedback-without-relevant", lambda c: ["feedback", "--server", c["server"], "--text", "red"],
-             pytest.mark.xfail(reason=CLI_USAGE_ERROR, strict=True), details="--relevant"),
-    cli_case("refit-server-and-data", lambda c: ["refit", "--server", c["server"], "--data", c["data"]],
-             pytest.mark.xfail(reason=CLI_REFIT_BOTH, strict=True), details="not both"),
-    cli_case("refit-unknown-mode", lambda c: ["refit", "--server", c["server"], "--mode", "sideways"], usage=True,
-             details="invalid choice"),
-    cli_case("snapshots-rollback-unknown-data", lambda c: ["snapshots", "--data", c["data"], "--rollback", "nope"],
-             details="no snapshot 'nope'"),
-    cli_case("snapshots-rollback-unknown-server",
-             lambda c: ["snapshots", "--server", c["server"], "--rollback", "nope"], details="no snapshot 'nope'"),
-    cli_case("index-missing-corpus",
-             lambda c: ["index", c["missing"], "--data", c["fresh"], "--model", "xmodal-demo", "--no-progress"],
-             details="does not exist: pass a folder with captions.jsonl"),
-    cli_case("index-folder-without-captions",
-             lambda c: ["index", c["no_captions"], "--data", c["fresh"], "--model", "xmodal-demo", "--no-progress"],
-             details="without captions.jsonl or captions.csv: add one"),
-    cli_case("index-captions-not-json",
-             lambda c: ["index", c["bad_captions"], "--data", c["fresh"], "--model", "xmodal-demo", "--no-progress"],
-             details="captions.jsonl:1: not valid JSON"),
-    cli_case("index-data-is-a-file",
-             lambda c: ["index", c["corpus"], "--data", c["notes"], "--model", "xmodal-demo", "--no-progress"],
-             details="--data"),
-    cli_case("index-shard-size-zero",
-             lambda c: ["index", c["corpus"], "--data", c["fresh"], "--model", "xmodal-demo", "--shard-size", "0"],
-             details="shard_size must be at least 1"),
-    cli_case("fit-empty-folder", lambda c: ["fit", "--data", c["empty"], "--no-progress"],
-             details="no catalog in .*: run `xmodal index CORPUS --data"),
-    cli_case("fit-zero-epochs", lambda c: ["fit", "--data", c["data"], "--epochs", "0", "--no-progress"],
-             details="epochs must be at least 1, got 0"),
-    cli_case("eval-unknown-kind", lambda c: ["eval", "--data", c["data"], "--kinds", "identity,bogus", "--no-progress"],
-             pytest.mark.xfail(reason=CLI_USAGE_ERROR, strict=True), details="unknown head kind.*bogus"),
-    cli_case("eval-no-kind", lambda c: ["eval", "--data", c["data"], "--kinds", ",", "--no-progress"],
-             pytest.mark.xfail(reason=CLI_USAGE_ERROR, strict=True), details="names no head kind"),
-    cli_case("serve-max-k-zero", lambda c: ["serve", "--data", c["data"], "--port", "0", "--max-k", "0"],
-             details="max_k must be a positive integer"),
-    cli_case("serve-api-keys-not-a-key-file", lambda c: ["serve", "--data", c["data"], "--port", "0",
-                                                        "--api-keys", c["notes"]],
-             details="cannot read API keys from"),
-    cli_case("serve-public-host-without-keys", lambda c: ["serve", "--data", c["data"], "--port", "0",
-                                                         "--host", "0.0.0.0"],
-             details="refusing to bind 0.0.0.0 without API keys"),
-    cli_case("serve-tls-cert-without-key", lambda c: ["serve", "--data", c["data"], "--port", "0",
-                                                     "--tls-cert", c["notes"]],
-             pytest.mark.xfail(reason=CLI_USAGE_ERROR, strict=True), details="--tls-key"),
-    cli_case("serve-tls-cert-not-pem", lambda c: ["serve", "--data", c["data"], "--port", "0",
-                                                 "--tls-cert", c["notes"], "--tls-key", c["notes"]],
-             details="PEM|certificate"),
-    cli_case("serve-port-in-use", lambda c: ["serve", "--data", c["data"], "--port", str(c["busy_port"])],
-             details="in use"),
-    cli_case("keys-add-file-not-a-key-file",
-             lambda c: ["keys", "add", "--file", c["not_json"], "--name", "a", "--role", "search"],
-             details="cannot read API keys from"),
-    cli_case("keys-add-folder-missing",
-             lambda c: ["keys", "add", "--file", c["missing"] + "/keys.json", "--name", "a", "--role", "search"],
-             details="folder .* does not exist"),
-    cli_case("backup-out-exists", lambda c: ["backup", "--data", c["data"], "--out", c["empty"]],
-             details="already exists: pass a new folder"),
-    cli_case("backup-not-a-data-dir", lambda c: ["backup", "--data", c["empty"], "--out", c["fresh"]],
-             details="not a data directory"),
+    cli_case(
+        "search-k-zero",
+        lambda c: ["search", "--server", c["server"], "--text", "red", "-k", "0"],
+        details="k must be between 1 and 1000, got 0",
+    ),
+    cli_case(
+        "search-k-over-max",
+        lambda c: ["search", "--server", c["server"], "--text", "red", "-k", "5000"],
+        details="k must be between 1 and 1000",
+    ),
+    cli_case(
+        "search-empty-text", lambda c: ["search", "--server", c["server"], "--text", " "], details="query text is empty"
+    ),
+    cli_case(
+        "search-image-not-an-image",
+        lambda c: ["search", "--server", c["server"], "--image", c["notes"]],
+        details="not a recognised image format",
+    ),
+    cli_case(
+        "search-image-missing-file",
+        lambda c: ["search", "--server", c["server"], "--image", c["missing"]],
+        details="cannot read the query image .*: pass the path of an image file",
+    ),
+    cli_case(
+        "search-unknown-item",
+        lambda c: ["search", "--server", c["server"], "--item", "no-such-item"],
+        details="no indexed item with id 'no-such-item'",
+    ),
+    cli_case(
+        "search-unknown-target",
+        lambda c: ["search", "--server", c["server"], "--text", "red", "--target", "x"],
+        usage=True,
+        details="invalid choice",
+    ),
+    cli_case(
+        "search-nothing-listens",
+        lambda c: ["search", "--server", c["dead"], "--text", "red", "--timeout", "5"],
+        details="unavailable",
+    ),
+    cli_case(
+        "search-empty-server",
+        lambda c: ["search", "--server", "", "--text", "red"],
+        details="server address '' is empty: pass host:port",
+    ),
+    cli_case(
+        "status-nothing-listens", lambda c: ["status", "--server", c["dead"], "--timeout", "5"], details="unavailable"
+    ),
+    cli_case(
+        "feedback-file-not-json",
+        lambda c: ["feedback", "--server", c["server"], "--file", c["not_json"]],
+        details="line 1",
+    ),
+    cli_case(
+        "feedback-file-unknown-field",
+        lambda c: ["feedback", "--server", c["server"], "--file", c["unknown_field"]],
+        details="line 1: unknown field.*colour",
+    ),
+    cli_case(
+        "feedback-file-line-not-an-object",
+        lambda c: ["feedback", "--server", c["server"], "--file", c["string"]],
+        details="line 1",
+    ),
+    cli_case(
+        "feedback-file-weight-not-a-number",
+        lambda c: ["feedback", "--server", c["server"], "--file", c["bad_weight"]],
+        details="line 1.*weight",
+    ),
+    cli_case(
+        "feedback-file-missing",
+        lambda c: ["feedback", "--server", c["server"], "--file", c["missing"]],
+        details="No such file",
+    ),
+    cli_case(
+        "feedback-unknown-relevant-id",
+        lambda c: ["feedback", "--server", c["server"], "--text", "red", "--relevant", "no-such-item"],
+        details="unknown item id\\(s\\) in feedback: 'no-such-item'",
+    ),
+    cli_case(
+        "feedback-without-relevant",
+        lambda c: ["feedback", "--server", c["server"], "--text", "red"],
+        details="--relevant",
+    ),
+    cli_case(
+        "refit-server-and-data", lambda c: ["refit", "--server", c["server"], "--data", c["data"]], details="not both"
+    ),
+    cli_case(
+        "refit-unknown-mode",
+        lambda c: ["refit", "--server", c["server"], "--mode", "sideways"],
+        usage=True,
+        details="invalid choice",
+    ),
+    cli_case(
+        "snapshots-rollback-unknown-data",
+        lambda c: ["snapshots", "--data", c["data"], "--rollback", "nope"],
+        details="no snapshot 'nope'",
+    ),
+    cli_case(
+        "snapshots-rollback-unknown-server",
+        lambda c: ["snapshots", "--server", c["server"], "--rollback", "nope"],
+        details="no snapshot 'nope'",
+    ),
+    cli_case(
+        "index-missing-corpus",
+        lambda c: ["index", c["missing"], "--data", c["fresh"], "--model", "xmodal-demo", "--no-progress"],
+        details="does not exist: pass a folder with captions.jsonl",
+    ),
+    cli_case(
+        "index-folder-without-captions",
+        lambda c: ["index", c["no_captions"], "--data", c["fresh"], "--model", "xmodal-demo", "--no-progress"],
+        details="without captions.jsonl or captions.csv: add one",
+    ),
+    cli_case(
+        "index-captions-not-json",
+        lambda c: ["index", c["bad_captions"], "--data", c["fresh"], "--model", "xmodal-demo", "--no-progress"],
+        details="captions.jsonl:1: not valid JSON",
+    ),
+    cli_case(
+        "index-data-is-a-file",
+        lambda c: ["index", c["corpus"], "--data", c["notes"], "--model", "xmodal-demo", "--no-progress"],
+        details="--data",
+    ),
+    cli_case(
+        "index-shard-size-zero",
+        lambda c: ["index", c["corpus"], "--data", c["fresh"], "--model", "xmodal-demo", "--shard-size", "0"],
+        details="shard_size must be at least 1",
+    ),
+    cli_case(
+        "fit-empty-folder",
+        lambda c: ["fit", "--data", c["empty"], "--no-progress"],
+        details="no catalog in .*: run `xmodal index CORPUS --data",
+    ),
+    cli_case(
+        "fit-zero-epochs",
+        lambda c: ["fit", "--data", c["data"], "--epochs", "0", "--no-progress"],
+        details="epochs must be at least 1, got 0",
+    ),
+    cli_case(
+        "eval-unknown-kind",
+        lambda c: ["eval", "--data", c["data"], "--kinds", "identity,bogus", "--no-progress"],
+        details="unknown head kind.*bogus",
+    ),
+    cli_case(
+        "eval-no-kind",
+        lambda c: ["eval", "--data", c["data"], "--kinds", ",", "--no-progress"],
+        details="names no head kind",
+    ),
+    cli_case(
+        "serve-max-k-zero",
+        lambda c: ["serve", "--data", c["data"], "--port", "0", "--max-k", "0"],
+        details="max_k must be a positive integer",
+    ),
+    cli_case(
+        "serve-api-keys-not-a-key-file",
+        lambda c: ["serve", "--data", c["data"], "--port", "0", "--api-keys", c["notes"]],
+        details="cannot read API keys from",
+    ),
+    cli_case(
+        "serve-public-host-without-keys",
+        lambda c: ["serve", "--data", c["data"], "--port", "0", "--host", "0.0.0.0"],
+        details="refusing to bind 0.0.0.0 without API keys",
+    ),
+    cli_case(
+        "serve-tls-cert-without-key",
+        lambda c: ["serve", "--data", c["data"], "--port", "0", "--tls-cert", c["notes"]],
+        details="--tls-key",
+    ),
+    cli_case(
+        "serve-tls-cert-not-pem",
+        lambda c: ["serve", "--data", c["data"], "--port", "0", "--tls-cert", c["notes"], "--tls-key", c["notes"]],
+        details="PEM|certificate",
+    ),
+    cli_case(
+        "serve-port-in-use", lambda c: ["serve", "--data", c["data"], "--port", str(c["busy_port"])], details="in use"
+    ),
+    cli_case(
+        "keys-add-file-not-a-key-file",
+        lambda c: ["keys", "add", "--file", c["not_json"], "--name", "a", "--role", "search"],
+        details="cannot read API keys from",
+    ),
+    cli_case(
+        "keys-add-folder-missing",
+        lambda c: ["keys", "add", "--file", c["missing"] + "/keys.json", "--name", "a", "--role", "search"],
+        details="folder .* does not exist",
+    ),
+    cli_case(
+        "backup-out-exists",
+        lambda c: ["backup", "--data", c["data"], "--out", c["empty"]],
+        details="already exists: pass a new folder",
+    ),
+    cli_case(
+        "backup-not-a-data-dir",
+        lambda c: ["backup", "--data", c["empty"], "--out", c["fresh"]],
+        details="not a data directory",
+    ),
 ]
 
 # Lines a failing command may print besides its error: log records (e.g. serve's INFO lines).
@@ -340,8 +611,15 @@ def cli(running, indexed, world_corpus, tmp_path_factory):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    yield {**paths, "server": running.server.address, "dead": "127.0.0.1:1", "data": str(root / "data"),
-           "missing": str(root / "missing"), "corpus": str(world_corpus), "busy_port": busy.getsockname()[1]}
+    yield {
+        **paths,
+        "server": running.server.address,
+        "dead": "127.0.0.1:1",
+        "data": str(root / "data"),
+        "missing": str(root / "missing"),
+        "corpus": str(world_corpus),
+        "busy_port": busy.getsockname()[1],
+    }
     busy.close()
 
 
@@ -376,19 +654,33 @@ def _bad_library_calls(tmp_path):
     config.write_text("{not json")
     return {
         "infonce-temperature": (lambda: InfoNCELoss(temperature=0), "temperature must be in"),
-        "metrics-relevance-count": (lambda: retrieval_metrics(np.zeros((2, 4)), np.zeros((3, 4)), [{0}]),
-                                    "one set of relevant gallery rows per query"),
+        "metrics-relevance-count": (
+            lambda: retrieval_metrics(np.zeros((2, 4)), np.zeros((3, 4)), [{0}]),
+            "one set of relevant gallery rows per query",
+        ),
         "world-caption-phrasing": (lambda: world.caption(scene, "shouting"), "unknown phrasing"),
         "world-render-style": (lambda: world.render(scene, "user"), "unknown style"),
-        "store-ids-vectors": (lambda: BaseStore(tmp_path / "base", None).append("image", ["a"], np.zeros((2, 4))),
-                              "1 ids for 2 vectors: pass one id per vector row"),
+        "store-ids-vectors": (
+            lambda: BaseStore(tmp_path / "base", None).append("image", ["a"], np.zeros((2, 4))),
+            "1 ids for 2 vectors: pass one id per vector row",
+        ),
         "pretrain-steps": (lambda: pretrain.pretrain(tmp_path, steps=0), "steps must be a positive integer"),
         "pretrain-config-json": (lambda: pretrain.load_config(tmp_path), "is not valid JSON"),
     }
 
 
-@pytest.mark.parametrize("name", ["infonce-temperature", "metrics-relevance-count", "world-caption-phrasing",
-                                  "world-render-style", "store-ids-vectors", "pretrain-steps", "pretrain-config-json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "infonce-temperature",
+        "metrics-relevance-count",
+        "world-caption-phrasing",
+        "world-render-style",
+        "store-ids-vectors",
+        "pretrain-steps",
+        "pretrain-config-json",
+    ],
+)
 def test_library_bad_argument_is_invalid_argument(tmp_path, name):
     from xmodal.indexer.errors import InvalidArgument
 

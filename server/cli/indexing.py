@@ -1,0 +1,167 @@
+"""Offline commands on a data directory: index, fit, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ._common import Command, add_model_args, add_progress_arg, model_args, param_default, usage_error
+from ._training import add_head_args, fit_config
+
+
+class IndexCommand(Command):
+    name = "index"
+    help = "build or extend a data directory from a corpus"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from xmodal.indexer.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
+        from xmodal.indexer.snapshot import DEFAULT_FACTORY
+
+        parser.add_argument("corpus", help="a folder with captions.jsonl/.csv, or a JSONL manifest")
+        parser.add_argument("--data", required=True, help="data directory (created if missing)")
+        add_model_args(parser, default_from_data=True)
+        add_head_args(parser)
+        parser.add_argument(
+            "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="encoder batch size (default %(default)s)"
+        )
+        parser.add_argument(
+            "--shard-size",
+            type=int,
+            default=DEFAULT_SHARD_SIZE,
+            help="items per base shard and commit (default %(default)s)",
+        )
+        parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: cores, max 4)")
+        parser.add_argument(
+            "--factory", default=DEFAULT_FACTORY, help="FAISS index factory string (default %(default)s)"
+        )
+        add_progress_arg(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from xmodal.indexer.encoder import load_encoder
+        from xmodal.indexer.pipeline import index_corpus
+
+        model, pretrained = model_args(args, Path(args.data))
+        encoder = load_encoder(model, pretrained, threads=args.threads, allow_pickle=args.allow_pickle)
+        report = index_corpus(
+            args.corpus,
+            args.data,
+            encoder,
+            head=fit_config(args),
+            label_field=args.label_field,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            factory=args.factory,
+            progress=not args.no_progress,
+        )
+        print(report.summary())
+        return 0
+
+
+class FitCommand(Command):
+    name = "fit"
+    help = "refit the head of a data directory offline and write a new snapshot"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--data", required=True, help="data directory")
+        add_head_args(parser)
+        parser.add_argument("--warm-start", action="store_true", help="start from the live snapshot's head (same kind)")
+        parser.add_argument(
+            "--no-feedback",
+            action="store_true",
+            help="train on the corpus pairs only (default: the feedback events' training slice too)",
+        )
+        add_progress_arg(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from xmodal.indexer.adapt import fit_snapshot
+
+        manifest, report = fit_snapshot(
+            args.data,
+            fit_config(args),
+            label_field=args.label_field,
+            warm_start=args.warm_start,
+            progress=not args.no_progress,
+            feedback=not args.no_feedback,
+        )
+        print(report.summary())
+        metrics = manifest.metrics
+        if metrics.get("feedback_pairs"):
+            print(
+                f"  trained on {metrics['feedback_pairs']} feedback pairs as well as the corpus pairs "
+                "(--no-feedback: corpus pairs only)"
+            )
+        print(f"wrote snapshot {manifest.id} ({manifest.head_kind} head) and made it current")
+        for name in ("zero_shot", "adapted"):
+            for direction, m in sorted(metrics.get(name, {}).items(), reverse=True):
+                print(
+                    f"  {name:9s} {direction.replace('_to_', '->')}: R@1 {m['recall@1']:.3f}  "
+                    f"R@5 {m['recall@5']:.3f}  R@10 {m['recall@10']:.3f}  MRR {m['mrr']:.3f} "
+                    f"({m['queries']} held-out queries)"
+                )
+        return 0
+
+
+class EvalCommand(Command):
+    name = "eval"
+    help = "recall@k and MRR of zero-shot, PCA and each head kind on held-out pairs"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from xmodal.indexer.adapt import EVAL_KINDS, compare_heads
+        from xmodal.indexer.corpus import SPLITS
+
+        parser.add_argument("--data", required=True, help="data directory")
+        parser.add_argument(
+            "--split",
+            default=param_default(compare_heads, "split"),
+            choices=SPLITS,
+            help="split to report on (default %(default)s)",
+        )
+        parser.add_argument(
+            "--kinds", default=",".join(EVAL_KINDS), help="comma-separated head kinds (default %(default)s)"
+        )
+        parser.add_argument("--out", default=None, help="folder for eval.json, eval.md and eval.png")
+        add_progress_arg(parser)
+        add_head_args(parser)
+
+    def validate(self, args: argparse.Namespace) -> None:
+        from xmodal.indexer.heads import HEAD_KINDS
+
+        kinds = _kinds(args)
+        if not kinds:
+            raise usage_error(args, "--kinds names no head kind")
+        unknown = [k for k in kinds if k not in HEAD_KINDS]
+        if unknown:
+            raise usage_error(
+                args, f"--kinds: unknown head kind(s) {', '.join(unknown)}; choose from {', '.join(HEAD_KINDS)}"
+            )
+
+    def run(self, args: argparse.Namespace) -> int:
+        from xmodal.indexer.adapt import bar_chart, compare_heads, markdown_table
+
+        comparison = compare_heads(
+            args.data,
+            kinds=_kinds(args),
+            split=args.split,
+            base=fit_config(args),
+            label_field=args.label_field,
+            progress=not args.no_progress,
+        )
+        table = markdown_table(comparison)
+        print(table)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps(comparison, indent=2))
+            (out / "eval.md").write_text(table)
+            bar_chart(comparison, out / "eval.png")
+            print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'eval.png'}")
+        return 0
+
+
+def _kinds(args: argparse.Namespace) -> list[str]:
+    return [k.strip() for k in args.kinds.split(",") if k.strip()]
+
+
+COMMANDS = (IndexCommand(), FitCommand(), EvalCommand())

@@ -1,0 +1,210 @@
+"""`xmodal serve`, and build_engine (which offline refits use too)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from xmodal.server.config import ServeConfig
+
+from ._common import Command, FieldFlag, add_field_flags, add_model_args, field_values, model_args, usage_error
+from ._training import add_refit_args, policy
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(
+    data: str, model: str, pretrained: str | None, threads: int | None, limits=None, allow_pickle: bool = False
+):
+    """A SearchEngine on ``data`` with its encoder loaded, debris cleaned and the live snapshot loaded."""
+    from xmodal.indexer.encoder import load_encoder
+    from xmodal.server.engine import Limits, SearchEngine
+
+    encoder = load_encoder(model, pretrained, threads=threads, allow_pickle=allow_pickle)
+    engine = SearchEngine(data, encoder, limits=limits or Limits())
+    engine.clean_debris()
+    engine.load_current()
+    return engine
+
+
+SERVE_FLAGS: tuple[FieldFlag, ...] = (  # ServeConfig's fields, one flag each
+    ("--host", "host", "address to bind (default %(default)s)"),
+    ("--port", "port", "port (default %(default)s; 0 = any free)"),
+    ("--rpc-workers", "rpc_workers", "gRPC worker threads (default %(default)s)"),
+    ("--watch-interval", "watch_interval", "seconds between checks of snapshots/CURRENT (default %(default)s)"),
+    ("--grace", "grace", "seconds calls in flight get on SIGTERM (default %(default)s)"),
+    (
+        "--max-concurrent",
+        "max_concurrent",
+        "RPCs handled at once; more are refused with RESOURCE_EXHAUSTED (default %(default)s)",
+    ),
+    (
+        "--max-message-bytes",
+        "max_message_bytes",
+        "largest gRPC request (default {size}; larger gets RESOURCE_EXHAUSTED)",
+    ),
+    ("--metrics-port", "metrics_port", "serve Prometheus metrics on this port (default off)"),
+    ("--metrics-host", "metrics_host", "address of the metrics endpoint (default %(default)s)"),
+)
+
+LIMIT_FLAGS: tuple[FieldFlag, ...] = (  # Limits' fields
+    ("--max-k", "max_k", "largest k a search may ask for (default %(default)s)"),
+    ("--max-image-bytes", "max_image_bytes", "largest query image (default {size})"),
+    ("--max-pixels", "max_pixels", "largest declared width x height, checked before decoding (default %(default)s)"),
+    ("--max-text-chars", "max_text_chars", "longest query text (default %(default)s characters)"),
+    ("--max-items", "max_items_per_request", "ids per GetItems call (default %(default)s)"),
+    ("--max-feedback-ids", "max_feedback_ids", "item ids per feedback event (default %(default)s)"),
+    (
+        "--deadline",
+        "deadline_s",
+        "server-side cap in seconds on one search, besides the client's own deadline (default %(default)s)",
+    ),
+)
+
+SCHEDULE_FLAGS: tuple[FieldFlag, ...] = (  # RefitPolicy's timing, besides REFIT OPTIONS
+    ("--refit-interval", "interval_s", "refit every N seconds when there is new feedback (default: off)"),
+    ("--refit-after", "after_feedback", "refit after M new feedback events (default: off)"),
+)
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(**field_values(args, SERVE_FLAGS))
+
+
+def limits(args: argparse.Namespace):
+    from xmodal.server.limits import Limits
+
+    return Limits(**field_values(args, LIMIT_FLAGS))
+
+
+def _add_security_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-keys",
+        default=None,
+        help="JSON file of hashed API keys (see `xmodal keys add`); XMODAL_API_KEYS='role:key,...' adds more",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated", action="store_true", help="allow binding a non-loopback address without API keys"
+    )
+    parser.add_argument("--tls-cert", default=None, help="server certificate PEM (enables TLS)")
+    parser.add_argument("--tls-key", default=None, help="server private key PEM")
+    parser.add_argument(
+        "--tls-client-ca", default=None, help="require client certificates signed by this CA (mutual TLS)"
+    )
+
+
+class ServeCommand(Command):
+    name = "serve"
+    help = "run the gRPC server on a data directory"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from xmodal.server.limits import Limits
+        from xmodal.server.refit import RefitPolicy
+
+        parser.add_argument("--data", required=True, help="data directory")
+        add_field_flags(parser, ServeConfig, SERVE_FLAGS)
+        parser.add_argument("--port-file", default=None, help="write the bound port to this file once serving")
+        add_model_args(parser, default_from_data=True)
+        add_field_flags(parser, Limits, LIMIT_FLAGS)
+        add_field_flags(parser, RefitPolicy, SCHEDULE_FLAGS)
+        add_refit_args(parser)
+        _add_security_args(parser)
+
+    def validate(self, args: argparse.Namespace) -> None:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise usage_error(args, "--tls-cert and --tls-key go together")
+        if args.tls_client_ca and not args.tls_cert:
+            raise usage_error(args, "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+        serve_config(args)  # each raises InvalidArgument on a bad value, before the encoder loads
+        limits(args)
+        policy(args)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from xmodal.server.refit import Refitter
+
+        config = serve_config(args)
+        model, pretrained = model_args(args, Path(args.data))
+        engine = build_engine(args.data, model, pretrained, args.threads, limits(args), args.allow_pickle)
+        refitter = Refitter(engine, policy(args))
+        if engine.snapshot is None:
+            log.warning(
+                "no snapshot in %s yet: health is NOT_SERVING and searches fail with FAILED_PRECONDITION "
+                "until one is indexed (picked up without a restart)",
+                engine.data.root,
+            )
+        engine.watch(config.watch_interval)
+        server = _start_server(args, config, engine, refitter)
+        if args.port_file:
+            _write_port_file(args.port_file, server.port)
+        _wait_for_stop_signal()
+        server.stop(grace=config.grace)
+        log.info("stopped")
+        return 0
+
+
+def _start_server(args: argparse.Namespace, config: ServeConfig, engine, refitter):
+    """Start the gRPC server with the key and TLS flags (and the metrics endpoint), then the refit schedule."""
+    from xmodal.server.auth import KeyRing
+    from xmodal.server.service import Server, TLSConfig
+
+    keys = KeyRing.load(args.api_keys)
+    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    server = Server(
+        engine,
+        host=config.host,
+        port=config.port,
+        max_workers=config.rpc_workers,
+        refitter=refitter,
+        keys=keys if len(keys) else None,
+        tls=tls,
+        allow_unauthenticated=args.allow_unauthenticated,
+        max_concurrent=config.max_concurrent,
+        max_message_bytes=config.max_message_bytes,
+    ).start()
+    _serve_metrics(config)
+    refitter.schedule()
+    log.info(
+        "serving %s on %s%s (encoder %s, %d API key(s))",
+        engine.data.root,
+        server.address,
+        " with TLS" if tls else "",
+        engine.encoder.identity,
+        len(keys),
+    )
+    return server
+
+
+def _serve_metrics(config: ServeConfig) -> None:
+    if config.metrics_port is None:
+        return
+    from xmodal.server import metrics
+
+    metrics.serve(config.metrics_port, host=config.metrics_host)
+    log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
+
+
+def _write_port_file(path: str, port: int) -> None:
+    """Write ``port`` to ``path`` atomically, so a reader never sees a partial number."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(str(port))
+    os.replace(tmp, path)
+
+
+def _wait_for_stop_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received %s: finishing calls in flight, then stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+
+
+COMMANDS = (ServeCommand(),)
