@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install proto bench clean
+.PHONY: demo test lint install proto bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (lint and format check) and mypy. mypy reads the package through a link tree that
+# maps the folders to their xmodal.* names, as pyproject's package-dir does for installs.
+TYPECHECK := build/typecheck
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/xmodal
+	for part in indexer server client; do ln -s $(CURDIR)/$$part $(TYPECHECK)/xmodal/$$part; done
+	ln -s $(CURDIR)/proto/xmodal/v1 $(TYPECHECK)/xmodal/v1
+	ln -s $(CURDIR)/bench $(TYPECHECK)/bench
+	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml xmodal bench
 
 # Regenerate the committed gRPC stubs after editing proto/xmodal/v1/*.proto.
 proto: $(STAMP)

@@ -87,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", default="query", choices=["query", "full", "auto"])
     parser.add_argument("--feedback-weight", type=float, default=RefitPolicy.feedback_weight)
     parser.add_argument("--epochs", type=int, default=RefitPolicy.epochs)
-    parser.add_argument("--mark-irrelevant", type=int, default=0, metavar="N",
-                        help="users also mark the wrong images among their top N hits as irrelevant (default 0)")
+    parser.add_argument(
+        "--mark-irrelevant",
+        type=int,
+        default=0,
+        metavar="N",
+        help="users also mark the wrong images among their top N hits as irrelevant (default 0)",
+    )
     parser.add_argument("--hard-negative-weight", type=float, default=RefitPolicy.hard_negative_weight)
     parser.add_argument("--out", default=None, help="folder for feedback.json")
     return parser
@@ -120,24 +125,36 @@ def prepare_workload(data: Path, pairs: int, feedback: int) -> Workload:
     test_rows = [i for i, image_id in enumerate(ids) if split[image_id] == "test"]
     user_queries = [(world.caption(scenes[i], "user"), by_user[world.caption(scenes[i], "user")]) for i in test_rows]
     original = [(world.caption(scenes[i], "target"), by_target[world.caption(scenes[i], "target")]) for i in test_rows]
-    return Workload(feedback=[(world.caption(scenes[i], "user"), ids[i]) for i in feedback_rows],
-                    by_user=by_user, user_queries=user_queries, original=original)
+    return Workload(
+        feedback=[(world.caption(scenes[i], "user"), ids[i]) for i in feedback_rows],
+        by_user=by_user,
+        user_queries=user_queries,
+        original=original,
+    )
 
 
 def start_server(data: Path, encoder: Encoder, args: argparse.Namespace) -> Server:
     """Serve the indexed corpus on a free local port, with a refitter configured from the flags."""
     engine = SearchEngine(data, encoder)
     engine.load_current()
-    refitter = Refitter(engine, RefitPolicy(mode=args.mode, feedback_weight=args.feedback_weight,
-                                             epochs=args.epochs,
-                                             hard_negative_weight=args.hard_negative_weight))
+    refitter = Refitter(
+        engine,
+        RefitPolicy(
+            mode=args.mode,
+            feedback_weight=args.feedback_weight,
+            epochs=args.epochs,
+            hard_negative_weight=args.hard_negative_weight,
+        ),
+    )
     return Server(engine, port=0, refitter=refitter).start()
 
 
 def measure(client: SearchClient, workload: Workload) -> dict[str, float]:
     """recall@10 of the held-out queries in both phrasings, through the server."""
-    return {"user_phrasing": recall_at_10(client, workload.user_queries),
-            "original_test_pairs": recall_at_10(client, workload.original)}
+    return {
+        "user_phrasing": recall_at_10(client, workload.user_queries),
+        "original_test_pairs": recall_at_10(client, workload.original),
+    }
 
 
 def send_feedback(client: SearchClient, workload: Workload, mark_irrelevant: int) -> tuple[int, float]:
@@ -150,8 +167,11 @@ def send_feedback(client: SearchClient, workload: Workload, mark_irrelevant: int
     for query, image_id in workload.feedback:
         wrong = []
         if mark_irrelevant:
-            wrong = [h.item_id for h in client.search(text=query, k=mark_irrelevant).hits
-                     if h.item_id not in workload.by_user[query]]
+            wrong = [
+                h.item_id
+                for h in client.search(text=query, k=mark_irrelevant).hits
+                if h.item_id not in workload.by_user[query]
+            ]
             marked += len(wrong)
         client.submit_feedback(text=query, relevant=[image_id], irrelevant=wrong, source="sim")
     return marked, time.perf_counter() - started
@@ -185,17 +205,24 @@ def print_report(args: argparse.Namespace, workload: Workload, outcome: Outcome)
     run, before, after = outcome.run, outcome.before, outcome.after
     delta_user, delta_orig = outcome.delta_user, outcome.delta_orig
     if args.mark_irrelevant:
-        print(f"users marked {outcome.marked} images irrelevant "
-              f"(the wrong ones among their top {args.mark_irrelevant})")
-    print(f"{len(workload.feedback)} feedback pairs sent in {outcome.sent_s:.1f} s; refit {run.run_id}: {run.state} "
-          f"({run.mode} mode, {run.duration_s:.1f} s; {run.message})")
-    print(f"held-out user-phrasing queries ({len(workload.user_queries)}): recall@10 {before['user_phrasing']:.3f} -> "
-          f"{after['user_phrasing']:.3f} ({delta_user:+.3f}; target >= +0.15: "
-          f"{'met' if delta_user >= 0.15 else 'NOT met'})")
-    print(f"original test pairs ({len(workload.original)}): recall@10 {before['original_test_pairs']:.3f} -> "
-          f"{after['original_test_pairs']:.3f} ({delta_orig:+.3f}; target >= -0.02: "
-          f"{'met' if delta_orig >= -0.02 else 'NOT met'})")
-    print(f"gate figures: before {run.before}; after {({k: v for k, v in run.after.items() if k != 'fit'})}")
+        print(
+            f"users marked {outcome.marked} images irrelevant (the wrong ones among their top {args.mark_irrelevant})"
+        )
+    print(
+        f"{len(workload.feedback)} feedback pairs sent in {outcome.sent_s:.1f} s; refit {run.run_id}: {run.state} "
+        f"({run.mode} mode, {run.duration_s:.1f} s; {run.message})"
+    )
+    print(
+        f"held-out user-phrasing queries ({len(workload.user_queries)}): recall@10 {before['user_phrasing']:.3f} -> "
+        f"{after['user_phrasing']:.3f} ({delta_user:+.3f}; target >= +0.15: "
+        f"{'met' if delta_user >= 0.15 else 'NOT met'})"
+    )
+    print(
+        f"original test pairs ({len(workload.original)}): recall@10 {before['original_test_pairs']:.3f} -> "
+        f"{after['original_test_pairs']:.3f} ({delta_orig:+.3f}; target >= -0.02: "
+        f"{'met' if delta_orig >= -0.02 else 'NOT met'})"
+    )
+    print(f"gate figures: before {run.before}; after { ({k: v for k, v in run.after.items() if k != 'fit'}) }")
     print(f"fit: {run.after.get('fit')}")
 
 
@@ -203,11 +230,24 @@ def write_json(out: Path, args: argparse.Namespace, workload: Workload, outcome:
     """Write ``out``/feedback.json (key order and content as the docs show them)."""
     run = outcome.run
     out.mkdir(parents=True, exist_ok=True)
-    (out / "feedback.json").write_text(json.dumps({
-        "pairs": args.pairs, "feedback": len(workload.feedback), "marked_irrelevant": outcome.marked,
-        "hard_negative_weight": args.hard_negative_weight, "mode": run.mode, "state": run.state,
-        "refit_seconds": run.duration_s, "before": outcome.before, "after": outcome.after, "gate_before": run.before,
-        "gate_after": run.after}, indent=2))
+    (out / "feedback.json").write_text(
+        json.dumps(
+            {
+                "pairs": args.pairs,
+                "feedback": len(workload.feedback),
+                "marked_irrelevant": outcome.marked,
+                "hard_negative_weight": args.hard_negative_weight,
+                "mode": run.mode,
+                "state": run.state,
+                "refit_seconds": run.duration_s,
+                "before": outcome.before,
+                "after": outcome.after,
+                "gate_before": run.before,
+                "gate_after": run.after,
+            },
+            indent=2,
+        )
+    )
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ def bare_forward(encoder, paths, batch_size: int) -> float:
     tensors = [encoder.image_tensor(decode_image(Path(p).read_bytes())) for p in paths]
     started = time.perf_counter()
     for start in range(0, len(tensors), batch_size):
-        encoder.encode_image_tensors(torch.stack(tensors[start:start + batch_size]))
+        encoder.encode_image_tensors(torch.stack(tensors[start : start + batch_size]))
     return len(tensors) / (time.perf_counter() - started)
 
 
@@ -49,8 +49,9 @@ def pipeline(encoder, records, roco: Path, batch_size: int) -> tuple[float, floa
             for record in records:
                 handle.write(json.dumps({**record, "image": str(roco / record["image"])}) + "\n")
         # identity head: this measures indexing, not head fitting
-        report = index_corpus(corpus, Path(tmp) / "data", encoder, batch_size=batch_size, progress=False,
-                              head=FitConfig(kind="identity"))
+        report = index_corpus(
+            corpus, Path(tmp) / "data", encoder, batch_size=batch_size, progress=False, head=FitConfig(kind="identity")
+        )
         return report.embedded["image"] / report.image_seconds, report.seconds
 
 
@@ -67,18 +68,22 @@ def main(argv=None) -> int:
     if not (roco / "captions.jsonl").is_file():
         print(f"no ROCO corpus at {roco}: pass --roco or set XMODAL_ROCO_DIR", file=sys.stderr)
         return 2
-    records = [json.loads(line) for line in (roco / "captions.jsonl").read_text().splitlines()][:args.images]
+    records = [json.loads(line) for line in (roco / "captions.jsonl").read_text().splitlines()][: args.images]
     encoder = load_encoder(args.model, args.pretrained)
-    print(f"model {encoder.identity}, {len(records)} ROCO images, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
-    bare_forward(encoder, [roco / r["image"] for r in records[:args.batch_size]], args.batch_size)  # warm-up
+    print(
+        f"model {encoder.identity}, {len(records)} ROCO images, batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    )
+    bare_forward(encoder, [roco / r["image"] for r in records[: args.batch_size]], args.batch_size)  # warm-up
     bare_rates, pipe_rates = [], []
     for round_no in range(args.rounds):
         bare_rates.append(bare_forward(encoder, [roco / r["image"] for r in records], args.batch_size))
         rate, total = pipeline(encoder, records, roco, args.batch_size)
         pipe_rates.append(rate)
-        print(f"round {round_no + 1}: bare forward {bare_rates[-1]:.2f} img/s, pipeline {rate:.2f} img/s "
-              f"(ratio {rate / bare_rates[-1]:.3f}; whole index run incl. texts and snapshot {total:.1f} s)")
+        print(
+            f"round {round_no + 1}: bare forward {bare_rates[-1]:.2f} img/s, pipeline {rate:.2f} img/s "
+            f"(ratio {rate / bare_rates[-1]:.3f}; whole index run incl. texts and snapshot {total:.1f} s)"
+        )
     bare, pipe = sum(bare_rates) / len(bare_rates), sum(pipe_rates) / len(pipe_rates)
     print(f"\nmean: bare forward {bare:.2f} img/s, pipeline {pipe:.2f} img/s, ratio {pipe / bare:.3f} (target >= 0.9)")
     return 0

@@ -22,9 +22,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from typing import Any
 
 from xmodal.client import RefitRun, SearchClient, XmodalError
 from xmodal.indexer import world
@@ -70,8 +70,11 @@ def load_queries(seed: int) -> list[str]:
 def one_call(client: SearchClient, kind: str, rng: random.Random, plan: LoadPlan) -> None:
     """Send one call of ``kind``; without feedback pairs, feedback pairs a random caption with a random item."""
     if kind == "feedback":
-        text, relevant = rng.choice(plan.feedback_pairs) if plan.feedback_pairs else \
-            (rng.choice(plan.queries), rng.choice(plan.item_ids))
+        text, relevant = (
+            rng.choice(plan.feedback_pairs)
+            if plan.feedback_pairs
+            else (rng.choice(plan.queries), rng.choice(plan.item_ids))
+        )
         client.submit_feedback(text=text, relevant=[relevant], source="load")
     elif kind == "search_item":
         client.search(item_id=rng.choice(plan.item_ids), k=10)
@@ -106,32 +109,63 @@ def summarise(tally: Tally, clients: int, wall: float, refit_run: RefitRun | Non
     """The report: throughput, p50/p99 overall and per call kind, errors by kind:status, and the refit."""
     latencies = tally.latencies
     total = sum(len(v) for v in latencies.values())
-    report: dict[str, Any] = {"clients": clients, "seconds": wall, "calls": total, "throughput": total / wall,
-              "errors": dict(tally.errors), "kinds": {}}
+    report: dict[str, Any] = {
+        "clients": clients,
+        "seconds": wall,
+        "calls": total,
+        "throughput": total / wall,
+        "errors": dict(tally.errors),
+        "kinds": {},
+    }
     for kind, values in sorted(latencies.items()):
         arr = np.asarray(values)
-        report["kinds"][kind] = {"calls": len(arr), "p50_ms": float(np.percentile(arr, 50)),
-                                 "p99_ms": float(np.percentile(arr, 99))}
+        report["kinds"][kind] = {
+            "calls": len(arr),
+            "p50_ms": float(np.percentile(arr, 50)),
+            "p99_ms": float(np.percentile(arr, 99)),
+        }
     all_values = np.concatenate([np.asarray(v) for v in latencies.values()]) if total else np.zeros(1)
     report["p50_ms"], report["p99_ms"] = float(np.percentile(all_values, 50)), float(np.percentile(all_values, 99))
     if refit_run is not None:
-        report["refit"] = {"run_id": refit_run.run_id, "mode": refit_run.mode, "state": refit_run.state,
-                           "duration_s": refit_run.duration_s, "message": refit_run.message,
-                           "before": refit_run.before,
-                           "after": {k: v for k, v in refit_run.after.items() if k != "fit"}}
+        report["refit"] = {
+            "run_id": refit_run.run_id,
+            "mode": refit_run.mode,
+            "state": refit_run.state,
+            "duration_s": refit_run.duration_s,
+            "message": refit_run.message,
+            "before": refit_run.before,
+            "after": {k: v for k, v in refit_run.after.items() if k != "fit"},
+        }
     return report
 
 
-def run_load(server: str, *, clients: int, seconds: float, feedback_share: float, refit: str | None,
-             api_key: str | None, item_ids: list[str], seed: int = 0,
-             feedback_pairs: list[tuple[str, str]] | None = None) -> dict:
+def run_load(
+    server: str,
+    *,
+    clients: int,
+    seconds: float,
+    feedback_share: float,
+    refit: str | None,
+    api_key: str | None,
+    item_ids: list[str],
+    seed: int = 0,
+    feedback_pairs: list[tuple[str, str]] | None = None,
+) -> dict:
     """Run the load; ``feedback_pairs`` (query text, relevant id) make the feedback
     meaningful, otherwise it pairs random captions with random items (a refit on that is
     expected to be rejected by the gate)."""
     tally = Tally()
     stop_at = time.monotonic() + seconds
-    plan = LoadPlan(server=server, api_key=api_key, feedback_share=feedback_share, item_ids=item_ids,
-                    queries=load_queries(seed), feedback_pairs=feedback_pairs, seed=seed, stop_at=stop_at)
+    plan = LoadPlan(
+        server=server,
+        api_key=api_key,
+        feedback_share=feedback_share,
+        item_ids=item_ids,
+        queries=load_queries(seed),
+        feedback_pairs=feedback_pairs,
+        seed=seed,
+        stop_at=stop_at,
+    )
     threads = [threading.Thread(target=client_loop, args=(n, plan, tally)) for n in range(clients)]
     began = time.monotonic()
     for thread in threads:
@@ -143,15 +177,19 @@ def run_load(server: str, *, clients: int, seconds: float, feedback_share: float
 
 
 def print_report(report: dict) -> None:
-    print(f"{report['clients']} clients, {report['seconds']:.1f} s: {report['calls']} calls, "
-          f"{report['throughput']:.1f} calls/s, p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms")
+    print(
+        f"{report['clients']} clients, {report['seconds']:.1f} s: {report['calls']} calls, "
+        f"{report['throughput']:.1f} calls/s, p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms"
+    )
     for kind, k in report["kinds"].items():
         print(f"  {kind:12s} {k['calls']:6d} calls  p50 {k['p50_ms']:7.1f} ms  p99 {k['p99_ms']:7.1f} ms")
     print(f"  errors: {sum(report['errors'].values())} {report['errors'] or ''}")
     if "refit" in report:
         r = report["refit"]
-        print(f"  refit during the load: {r['run_id']} {r['mode']} {r['state']} in {r['duration_s']:.1f} s "
-              f"({r['message']})")
+        print(
+            f"  refit during the load: {r['run_id']} {r['mode']} {r['state']} in {r['duration_s']:.1f} s "
+            f"({r['message']})"
+        )
         print(f"    gate figures before {r['before']}, after {r['after']}")
 
 
@@ -164,11 +202,25 @@ def self_test(args) -> dict:
         corpus = world.write_corpus(Path(tmp) / "corpus", n=args.pairs, seed=3, style="target", image_size=64)
         index_corpus(corpus, Path(tmp) / "data", load_encoder("xmodal-demo", None), progress=False)
         port_file = Path(tmp) / "port"
-        server = subprocess.Popen([sys.executable, "-m", "xmodal.server.cli", "serve",
-                                   "--data", str(Path(tmp) / "data"),
-                                   "--port", "0", "--port-file", str(port_file), "--refit-epochs", "20"],
-                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "serve.log", "w"),
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xmodal.server.cli",
+                "serve",
+                "--data",
+                str(Path(tmp) / "data"),
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--refit-epochs",
+                "20",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(tmp) / "serve.log", "w"),
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         try:
             while not port_file.exists():
                 if server.poll() is not None:
@@ -178,10 +230,20 @@ def self_test(args) -> dict:
             with SearchClient(address) as client:
                 client.wait_until_serving(60)
             ids = [f"target-3-{i:06d}" for i in range(args.pairs)]
-            pairs = [(world.caption(scene, "user"), item_id)
-                     for scene, item_id in zip(world.scenes(args.pairs, 3), ids, strict=True)]
-            return run_load(address, clients=args.clients, seconds=args.seconds, feedback_share=args.feedback_share,
-                            refit=args.refit, api_key=None, item_ids=ids, feedback_pairs=pairs)
+            pairs = [
+                (world.caption(scene, "user"), item_id)
+                for scene, item_id in zip(world.scenes(args.pairs, 3), ids, strict=True)
+            ]
+            return run_load(
+                address,
+                clients=args.clients,
+                seconds=args.seconds,
+                feedback_share=args.feedback_share,
+                refit=args.refit,
+                api_key=None,
+                item_ids=ids,
+                feedback_pairs=pairs,
+            )
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -205,8 +267,15 @@ def main(argv=None) -> int:
     else:
         if not args.items:
             parser.error("give --items ID ... (ids the server knows), or use --self-test")
-        report = run_load(args.server, clients=args.clients, seconds=args.seconds, feedback_share=args.feedback_share,
-                          refit=args.refit, api_key=args.api_key, item_ids=args.items)
+        report = run_load(
+            args.server,
+            clients=args.clients,
+            seconds=args.seconds,
+            feedback_share=args.feedback_share,
+            refit=args.refit,
+            api_key=args.api_key,
+            item_ids=args.items,
+        )
     print_report(report)
     return 0 if not report["errors"] else 1
 

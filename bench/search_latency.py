@@ -38,13 +38,20 @@ def build_data(root: Path, n_images: int, dim: int, spec) -> None:
     store = BaseStore(root / "base", catalog)
     for modality, count in ((IMAGE, n_images), (TEXT, 100)):
         ids = [f"{modality}-{i:07d}" for i in range(count)]
-        items = [CorpusItem(i, modality, source=f"/synthetic/{i}.png" if modality == IMAGE else "",
-                            text="" if modality == IMAGE else f"synthetic text {i}") for i in ids]
+        items = [
+            CorpusItem(
+                i,
+                modality,
+                source=f"/synthetic/{i}.png" if modality == IMAGE else "",
+                text="" if modality == IMAGE else f"synthetic text {i}",
+            )
+            for i in ids
+        ]
         catalog.upsert_items((item, text_hash(item.id)) for item in items)
         for start in range(0, count, 50_000):
-            vectors = rng.standard_normal((len(ids[start:start + 50_000]), dim)).astype(np.float32)
+            vectors = rng.standard_normal((len(ids[start : start + 50_000]), dim)).astype(np.float32)
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            store.append(modality, ids[start:start + 50_000], vectors)
+            store.append(modality, ids[start : start + 50_000], vectors)
     write_snapshot(DataDir(root), catalog, store, Head("identity", dim), encoder=spec.identity)
 
 
@@ -61,9 +68,23 @@ def run_size(n_images: int, args, dim: int, spec) -> dict:
         print(f"\n{n_images:,} image vectors ({dim}-d): data directory built in {time.perf_counter() - started:.1f} s")
         port_file = Path(tmp) / "port"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        server = subprocess.Popen([sys.executable, "-m", "xmodal.server.cli", "serve", "--data", str(data),
-                                   "--port", "0", "--port-file", str(port_file)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "serve.log", "w"))
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xmodal.server.cli",
+                "serve",
+                "--data",
+                str(data),
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(tmp) / "serve.log", "w"),
+        )
         try:
             deadline = time.monotonic() + 300
             while not port_file.exists():
@@ -111,8 +132,10 @@ def main(argv=None) -> int:
     results = {n: run_size(n, args, dim, spec) for n in args.sizes}
     if len(results) > 1:
         small, large = min(results), max(results)
-        print(f"\nFAISS p50 at {large:,} vs {small:,}: {results[large]['faiss'][0] / results[small]['faiss'][0]:.1f}x; "
-              f"end-to-end p50: {results[large]['total'][0] / results[small]['total'][0]:.2f}x")
+        print(
+            f"\nFAISS p50 at {large:,} vs {small:,}: {results[large]['faiss'][0] / results[small]['faiss'][0]:.1f}x; "
+            f"end-to-end p50: {results[large]['total'][0] / results[small]['total'][0]:.2f}x"
+        )
     return 0
 
 

@@ -1,6 +1,6 @@
 """xmodal Python client. Imports only grpc, protobuf and the generated stubs.
 
-    from xmodal.client import SearchClient
+from xmodal.client import SearchClient
 """
 
 from ._client import Hit, Item, RefitRun, SearchClient, SearchResult, SnapshotInfo, Status
@@ -18,7 +18,21 @@ from ._errors import (
 )
 
 __all__ = [
-    "SearchClient", "SearchResult", "Hit", "Item", "Status", "RefitRun", "SnapshotInfo",
-    "XmodalError", "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted",
-    "Unauthenticated", "PermissionDenied", "Unavailable", "DeadlineExceeded", "ServerError",
+    "SearchClient",
+    "SearchResult",
+    "Hit",
+    "Item",
+    "Status",
+    "RefitRun",
+    "SnapshotInfo",
+    "XmodalError",
+    "InvalidArgument",
+    "NotFound",
+    "FailedPrecondition",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "PermissionDenied",
+    "Unavailable",
+    "DeadlineExceeded",
+    "ServerError",
 ]

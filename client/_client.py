@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -104,8 +104,10 @@ def _pem(value) -> bytes | None:
     try:
         return Path(value).read_bytes()
     except OSError as exc:
-        raise InvalidArgument(f"cannot read the PEM file {str(value)!r} ({exc.strerror or exc}): pass the path of a "
-                              "certificate or key in PEM format") from None
+        raise InvalidArgument(
+            f"cannot read the PEM file {str(value)!r} ({exc.strerror or exc}): pass the path of a "
+            "certificate or key in PEM format"
+        ) from None
 
 
 def _query(text, image, item_id) -> pb.Query:
@@ -125,8 +127,10 @@ def _image_bytes(image) -> bytes:
     try:
         return Path(image).read_bytes()
     except OSError as exc:
-        raise InvalidArgument(f"cannot read the query image {str(image)!r} ({exc.strerror or exc}): pass the path of "
-                              "an image file (JPEG, PNG, ...) or its bytes") from None
+        raise InvalidArgument(
+            f"cannot read the query image {str(image)!r} ({exc.strerror or exc}): pass the path of "
+            "an image file (JPEG, PNG, ...) or its bytes"
+        ) from None
 
 
 def _ids(value, name: str) -> list[str]:
@@ -149,8 +153,15 @@ def _request(cls, **fields):
 
 
 def _snapshot(info, live_id: str) -> SnapshotInfo:
-    return SnapshotInfo(info.snapshot_id, info.created_at, info.head_kind, info.parent_id, info.encoder,
-                        json.loads(info.metrics_json or "{}"), info.snapshot_id == live_id)
+    return SnapshotInfo(
+        info.snapshot_id,
+        info.created_at,
+        info.head_kind,
+        info.parent_id,
+        info.encoder,
+        json.loads(info.metrics_json or "{}"),
+        info.snapshot_id == live_id,
+    )
 
 
 class SearchClient:
@@ -174,26 +185,38 @@ class SearchClient:
     FailedPrecondition, ResourceExhausted, Unavailable, ...), never grpc.RpcError.
     """
 
-    def __init__(self, target: str, *, timeout: float = 30.0, api_key: str | None = None, tls: bool = False,
-                 ca_cert: str | Path | bytes | None = None, client_cert: str | Path | bytes | None = None,
-                 client_key: str | Path | bytes | None = None, channel: grpc.Channel | None = None):
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: str | Path | bytes | None = None,
+        client_cert: str | Path | bytes | None = None,
+        client_key: str | Path | bytes | None = None,
+        channel: grpc.Channel | None = None,
+    ):
         if channel is None and (not isinstance(target, str) or not target.strip()):
             raise InvalidArgument(f"server address {target!r} is empty: pass host:port, e.g. 127.0.0.1:50051")
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
         if channel is None and (tls or ca_cert or client_cert):
-            credentials = grpc.ssl_channel_credentials(root_certificates=_pem(ca_cert), private_key=_pem(client_key),
-                                                       certificate_chain=_pem(client_cert))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(ca_cert), private_key=_pem(client_key), certificate_chain=_pem(client_cert)
+            )
             channel = grpc.secure_channel(target, credentials, options=options)
         self._channel = channel or grpc.insecure_channel(target, options=options)
         self._search = pb_grpc.SearchServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._admin = pb_grpc.AdminServiceStub(self._channel)
 
-    def __enter__(self) -> "SearchClient":
+    def __enter__(self) -> SearchClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -202,9 +225,16 @@ class SearchClient:
     def close(self) -> None:
         self._channel.close()
 
-    def search(self, *, text: str | None = None, image: bytes | str | Path | None = None,
-               item_id: str | None = None, target: str | None = None, k: int = 10,
-               timeout: float | None = None) -> SearchResult:
+    def search(
+        self,
+        *,
+        text: str | None = None,
+        image: bytes | str | Path | None = None,
+        item_id: str | None = None,
+        target: str | None = None,
+        k: int = 10,
+        timeout: float | None = None,
+    ) -> SearchResult:
         """Search with exactly one of ``text``, ``image`` (bytes or a file path) or ``item_id``.
 
         Args:
@@ -222,47 +252,101 @@ class SearchClient:
             response = self._search.Search(request, timeout=timeout or self.timeout, metadata=self._metadata)
         timing = {name: getattr(response.timing, name) for name in ("encode_ms", "head_ms", "search_ms", "total_ms")}
         return SearchResult(
-            hits=[Hit(h.item_id, h.score, _MODALITY_NAMES[h.modality], h.text, h.source,
-                      json.loads(h.metadata_json or "{}"), h.rank) for h in response.hits],
-            snapshot_id=response.snapshot_id, timing=timing,
+            hits=[
+                Hit(
+                    h.item_id,
+                    h.score,
+                    _MODALITY_NAMES[h.modality],
+                    h.text,
+                    h.source,
+                    json.loads(h.metadata_json or "{}"),
+                    h.rank,
+                )
+                for h in response.hits
+            ],
+            snapshot_id=response.snapshot_id,
+            timing=timing,
         )
 
-    def get_items(self, item_ids: Sequence[str], *, metadata_only: bool = False,
-                  timeout: float | None = None) -> list[Item]:
+    def get_items(
+        self, item_ids: Sequence[str], *, metadata_only: bool = False, timeout: float | None = None
+    ) -> list[Item]:
         """Items' content (image bytes or text) and metadata, in the order asked."""
         request = pb.GetItemsRequest(item_ids=_ids(item_ids, "item_ids"), metadata_only=metadata_only)
         with map_errors(self.target):
             response = self._search.GetItems(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        return [Item(i.item_id, _MODALITY_NAMES[i.modality], i.text, i.image, i.source,
-                     json.loads(i.metadata_json or "{}"), i.content_hash) for i in response.items]
+        return [
+            Item(
+                i.item_id,
+                _MODALITY_NAMES[i.modality],
+                i.text,
+                i.image,
+                i.source,
+                json.loads(i.metadata_json or "{}"),
+                i.content_hash,
+            )
+            for i in response.items
+        ]
 
     def status(self, *, timeout: float | None = None) -> Status:
         with map_errors(self.target):
             r = self._search.GetStatus(pb.GetStatusRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
         return Status(
-            serving=r.serving, snapshot_id=r.snapshot.snapshot_id, encoder=r.snapshot.encoder,
+            serving=r.serving,
+            snapshot_id=r.snapshot.snapshot_id,
+            encoder=r.snapshot.encoder,
             head_kind=r.snapshot.head_kind,
-            counts={_MODALITY_NAMES[c.modality]: {"catalog_items": c.catalog_items, "indexed": c.indexed}
-                    for c in r.counts},
-            version=r.version, uptime_s=r.uptime_s, max_k=r.max_k,
-            metrics=json.loads(r.snapshot.metrics_json or "{}"), feedback_total=r.feedback.total,
+            counts={
+                _MODALITY_NAMES[c.modality]: {"catalog_items": c.catalog_items, "indexed": c.indexed} for c in r.counts
+            },
+            version=r.version,
+            uptime_s=r.uptime_s,
+            max_k=r.max_k,
+            metrics=json.loads(r.snapshot.metrics_json or "{}"),
+            feedback_total=r.feedback.total,
             feedback_since_last_refit=r.feedback.since_last_refit,
-            refits=[RefitRun(x.run_id, x.mode, x.state, x.started_at, x.duration_s, json.loads(x.before_json or "{}"),
-                             json.loads(x.after_json or "{}"), x.snapshot_id, x.message, x.progress, x.feedback_events)
-                    for x in r.refits],
+            refits=[
+                RefitRun(
+                    x.run_id,
+                    x.mode,
+                    x.state,
+                    x.started_at,
+                    x.duration_s,
+                    json.loads(x.before_json or "{}"),
+                    json.loads(x.after_json or "{}"),
+                    x.snapshot_id,
+                    x.message,
+                    x.progress,
+                    x.feedback_events,
+                )
+                for x in r.refits
+            ],
             raw=r,
         )
 
     # -- feedback and administration ---------------------------------------------------------
-    def submit_feedback(self, *, relevant: Sequence[str], text: str | None = None,
-                        image: bytes | str | Path | None = None, item_id: str | None = None,
-                        irrelevant: Sequence[str] = (), weight: float = 1.0, source: str = "",
-                        timeout: float | None = None) -> str:
+    def submit_feedback(
+        self,
+        *,
+        relevant: Sequence[str],
+        text: str | None = None,
+        image: bytes | str | Path | None = None,
+        item_id: str | None = None,
+        irrelevant: Sequence[str] = (),
+        weight: float = 1.0,
+        source: str = "",
+        timeout: float | None = None,
+    ) -> str:
         """Record that ``relevant`` items answer a query; returns the feedback id once the
         event is durable on the server."""
-        request = _request(pb.SubmitFeedbackRequest, query=_query(text, image, item_id),
-                           relevant_ids=_ids(relevant, "relevant"), irrelevant_ids=_ids(irrelevant, "irrelevant"),
-                           weight=weight, source=source)
+        request = _request(
+            pb.SubmitFeedbackRequest,
+            query=_query(text, image, item_id),
+            relevant_ids=_ids(relevant, "relevant"),
+            irrelevant_ids=_ids(irrelevant, "irrelevant"),
+            weight=weight,
+            source=source,
+        )
         with map_errors(self.target):
             response = self._search.SubmitFeedback(request, timeout=timeout or self.timeout, metadata=self._metadata)
         return response.feedback_id
@@ -270,8 +354,9 @@ class SearchClient:
     def refit(self, mode: str = "", *, timeout: float | None = None) -> str:
         """Start a refit now ("query", "full", "auto" or "" for the server's mode); returns its run id."""
         with map_errors(self.target):
-            return self._admin.Refit(_request(pb.RefitRequest, mode=mode), timeout=timeout or self.timeout,
-                                     metadata=self._metadata).run_id
+            return self._admin.Refit(
+                _request(pb.RefitRequest, mode=mode), timeout=timeout or self.timeout, metadata=self._metadata
+            ).run_id
 
     def wait_for_refit(self, run_id: str, timeout: float = 600.0) -> RefitRun:
         """Poll GetStatus until the run is no longer running; returns its record."""
@@ -286,14 +371,18 @@ class SearchClient:
 
     def list_snapshots(self, *, timeout: float | None = None) -> list[SnapshotInfo]:
         with map_errors(self.target):
-            r = self._admin.ListSnapshots(pb.ListSnapshotsRequest(), timeout=timeout or self.timeout,
-                                          metadata=self._metadata)
+            r = self._admin.ListSnapshots(
+                pb.ListSnapshotsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         return [_snapshot(s, r.live_id) for s in r.snapshots]
 
     def rollback(self, snapshot_id: str, *, timeout: float | None = None) -> SnapshotInfo:
         with map_errors(self.target):
-            r = self._admin.Rollback(_request(pb.RollbackRequest, snapshot_id=snapshot_id),
-                                     timeout=timeout or self.timeout, metadata=self._metadata)
+            r = self._admin.Rollback(
+                _request(pb.RollbackRequest, snapshot_id=snapshot_id),
+                timeout=timeout or self.timeout,
+                metadata=self._metadata,
+            )
         return _snapshot(r.snapshot, r.snapshot.snapshot_id)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:

@@ -58,8 +58,19 @@ class ServerError(XmodalError):
     code = "INTERNAL"
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted,
-                                      Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded)}
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unauthenticated,
+        PermissionDenied,
+        Unavailable,
+        DeadlineExceeded,
+    )
+}
 
 
 @contextlib.contextmanager
@@ -73,7 +84,9 @@ def map_errors(target: str):
         if code == grpc.StatusCode.UNAVAILABLE:
             hint = ""
             if any(word in details.lower() for word in ("ssl", "handshake", "certificate", "tls", "socket closed")):
-                hint = "; if the server uses TLS, connect with tls=True and the CA that signed its certificate (ca_cert=)"
+                hint = (
+                    "; if the server uses TLS, connect with tls=True and the CA that signed its certificate (ca_cert=)"
+                )
             details = f"xmodal server at {target} is unavailable ({details}){hint}"
         cls = _BY_CODE.get(code.name, ServerError)
         raise cls(details, code.name) from None

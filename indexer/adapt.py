@@ -45,7 +45,7 @@ class TrainingData:
     corpus_train: PairSet
     corpus_val: PairSet
     feedback_train: PairSet | None  # None: no feedback pairs (or feedback not used)
-    query_modality: str | None      # the feedback queries' main modality
+    query_modality: str | None  # the feedback queries' main modality
     val_queries: list[HeldOutQuery]
     feedback_events: int
 
@@ -61,9 +61,15 @@ class TrainingData:
         return 0 if self.feedback_train is None else len(self.feedback_train)
 
 
-def load_training_data(catalog: Catalog, store: BaseStore, *, label_field: str | None = None,
-                       feedback: bool = True, feedback_weight: float = 1.0,
-                       vectors: Vectors | None = None) -> TrainingData:
+def load_training_data(
+    catalog: Catalog,
+    store: BaseStore,
+    *,
+    label_field: str | None = None,
+    feedback: bool = True,
+    feedback_weight: float = 1.0,
+    vectors: Vectors | None = None,
+) -> TrainingData:
     """Step 1: corpus pairs (train, val) and, unless ``feedback`` is off, the feedback
     events' training pairs (weighted by ``feedback_weight``) and held-out queries."""
     vectors = vectors or load_vectors(store)
@@ -73,8 +79,9 @@ def load_training_data(catalog: Catalog, store: BaseStore, *, label_field: str |
         return TrainingData(vectors, train, val, None, None, [], 0)
     train_events, val_events = split_events(catalog)
     pairs, modality = feedback_pairs(catalog, train_events, vectors, feedback_weight)
-    return TrainingData(vectors, train, val, pairs, modality, held_out_queries(val_events, vectors),
-                        len(train_events) + len(val_events))
+    return TrainingData(
+        vectors, train, val, pairs, modality, held_out_queries(val_events, vectors), len(train_events) + len(val_events)
+    )
 
 
 @dataclass
@@ -83,15 +90,26 @@ class FitResult:
     report: FitReport
     data: TrainingData
     before: dict | None  # the gate's figures of the guarded (live) head
-    after: dict | None   # the fitted head's (computed when guarding)
+    after: dict | None  # the fitted head's (computed when guarding)
     decision: Decision
 
 
-def fit_pipeline(catalog: Catalog, store: BaseStore, config: FitConfig, *, guard: Head | None = None,
-                 tolerance: float = 0.0, query_adapter: bool = False, warm_start: Head | None = None,
-                 label_field: str | None = None, feedback: bool = True, feedback_weight: float = 1.0,
-                 vectors: Vectors | None = None, progress: bool = False,
-                 on_step: Callable[[str], None] | None = None) -> FitResult:
+def fit_pipeline(
+    catalog: Catalog,
+    store: BaseStore,
+    config: FitConfig,
+    *,
+    guard: Head | None = None,
+    tolerance: float = 0.0,
+    query_adapter: bool = False,
+    warm_start: Head | None = None,
+    label_field: str | None = None,
+    feedback: bool = True,
+    feedback_weight: float = 1.0,
+    vectors: Vectors | None = None,
+    progress: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> FitResult:
     """Load, gate, train and decide (steps 1-4); the caller writes (step 5).
 
     Args:
@@ -111,19 +129,28 @@ def fit_pipeline(catalog: Catalog, store: BaseStore, config: FitConfig, *, guard
     vectors = vectors or load_vectors(store)
     if not len(vectors[IMAGE]) or not len(vectors[TEXT]):
         raise FailedPrecondition("the data directory has no embedded images or texts: run `xmodal index` first")
-    data = load_training_data(catalog, store, label_field=label_field, vectors=vectors, feedback_weight=feedback_weight,
-                              feedback=feedback and (config.kind in TRAINABLE_KINDS or query_adapter))
+    data = load_training_data(
+        catalog,
+        store,
+        label_field=label_field,
+        vectors=vectors,
+        feedback_weight=feedback_weight,
+        feedback=feedback and (config.kind in TRAINABLE_KINDS or query_adapter),
+    )
     gate = Gate(data.corpus_val, data.val_queries, vectors)
     if guard is not None:
         step("validating the live head")
         gate = gate.protecting(guard, tolerance)
-    step(f"training ({'query' if query_adapter else 'full'} mode, {len(data.train)} pairs of which "
-         f"{data.feedback_pairs} feedback)")
+    step(
+        f"training ({'query' if query_adapter else 'full'} mode, {len(data.train)} pairs of which "
+        f"{data.feedback_pairs} feedback)"
+    )
     if query_adapter:
         if guard is None:
             raise FailedPrecondition("a query adapter is trained on a live head: pass guard")
-        head, report = fit_query_adapter(guard, data.query_modality or TEXT, data.train, None, config,
-                                         progress=progress, score=gate.score)
+        head, report = fit_query_adapter(
+            guard, data.query_modality or TEXT, data.train, None, config, progress=progress, score=gate.score
+        )
     else:
         head, report = fit_head(data.train, None, config, warm_start=warm_start, progress=progress, score=gate.score)
     if guard is None:
@@ -142,13 +169,27 @@ def held_out_metrics(catalog: Catalog, vectors: Vectors, head: Head, split: str 
         return {}
     rows = catalog.get_items([t for _, t in pairs])
     groups = {t: row["content_hash"] for t, row in rows.items()}  # identical captions are interchangeable
-    return pair_metrics(images.ids, head.project(IMAGE, images.array), texts.ids, head.project(TEXT, texts.array),
-                        pairs, text_groups=groups)
+    return pair_metrics(
+        images.ids,
+        head.project(IMAGE, images.array),
+        texts.ids,
+        head.project(TEXT, texts.array),
+        pairs,
+        text_groups=groups,
+    )
 
 
-def fit_from_catalog(catalog: Catalog, store: BaseStore, config: FitConfig, *, label_field: str | None = None,
-                     warm_start: Head | None = None, progress: bool = False, vectors: Vectors | None = None,
-                     feedback: bool = True) -> tuple[Head, FitReport, dict]:
+def fit_from_catalog(
+    catalog: Catalog,
+    store: BaseStore,
+    config: FitConfig,
+    *,
+    label_field: str | None = None,
+    warm_start: Head | None = None,
+    progress: bool = False,
+    vectors: Vectors | None = None,
+    feedback: bool = True,
+) -> tuple[Head, FitReport, dict]:
     """An offline fit of a new head (no live head to guard), with its held-out report.
 
     Args:
@@ -162,25 +203,48 @@ def fit_from_catalog(catalog: Catalog, store: BaseStore, config: FitConfig, *, l
         "feedback_pairs": n}) with zero-shot and adapted metrics on the test split.
     """
     vectors = vectors or load_vectors(store)
-    result = fit_pipeline(catalog, store, config, warm_start=warm_start, label_field=label_field,
-                          feedback=feedback, vectors=vectors, progress=progress)
+    result = fit_pipeline(
+        catalog,
+        store,
+        config,
+        warm_start=warm_start,
+        label_field=label_field,
+        feedback=feedback,
+        vectors=vectors,
+        progress=progress,
+    )
     head = result.head
-    metrics = {"zero_shot": held_out_metrics(catalog, vectors, Head("identity", vectors[IMAGE].dim)),
-               "fit": result.report.to_dict(), "feedback_pairs": result.data.feedback_pairs}
+    metrics = {
+        "zero_shot": held_out_metrics(catalog, vectors, Head("identity", vectors[IMAGE].dim)),
+        "fit": result.report.to_dict(),
+        "feedback_pairs": result.data.feedback_pairs,
+    }
     if head.kind != "identity":
         metrics["adapted"] = held_out_metrics(catalog, vectors, head)
     return head, result.report, metrics
 
 
-def write_fitted(data: DataDir, catalog: Catalog, store: BaseStore, config: FitConfig, *, encoder: str,
-                 factory: str, parent_id: str | None, label_field: str | None = None,
-                 warm_start: Head | None = None, progress: bool = False,
-                 feedback: bool = True) -> tuple[Manifest, FitReport]:
+def write_fitted(
+    data: DataDir,
+    catalog: Catalog,
+    store: BaseStore,
+    config: FitConfig,
+    *,
+    encoder: str,
+    factory: str,
+    parent_id: str | None,
+    label_field: str | None = None,
+    warm_start: Head | None = None,
+    progress: bool = False,
+    feedback: bool = True,
+) -> tuple[Manifest, FitReport]:
     """Fit a new head offline and write it as the current snapshot (steps 1-5)."""
-    head, report, metrics = fit_from_catalog(catalog, store, config, label_field=label_field, warm_start=warm_start,
-                                             progress=progress, feedback=feedback)
-    manifest = write_snapshot(data, catalog, store, head, encoder=encoder, factory=factory, parent_id=parent_id,
-                              metrics=metrics)
+    head, report, metrics = fit_from_catalog(
+        catalog, store, config, label_field=label_field, warm_start=warm_start, progress=progress, feedback=feedback
+    )
+    manifest = write_snapshot(
+        data, catalog, store, head, encoder=encoder, factory=factory, parent_id=parent_id, metrics=metrics
+    )
     return manifest, report
 
 
@@ -197,9 +261,16 @@ def open_data_dir(data_dir: str | Path) -> tuple[DataDir, Catalog, BaseStore]:
     return data, catalog, BaseStore(data.base, catalog)
 
 
-def fit_snapshot(data_dir: str | Path, config: FitConfig, *, label_field: str | None = None,
-                 warm_start: bool = False, factory: str | None = None, progress: bool = True,
-                 feedback: bool = True) -> tuple[Manifest, FitReport]:
+def fit_snapshot(
+    data_dir: str | Path,
+    config: FitConfig,
+    *,
+    label_field: str | None = None,
+    warm_start: bool = False,
+    factory: str | None = None,
+    progress: bool = True,
+    feedback: bool = True,
+) -> tuple[Manifest, FitReport]:
     """Offline refit (`xmodal fit`): fit a head on a data directory and write (and make
     current) a snapshot.
 
@@ -212,18 +283,34 @@ def fit_snapshot(data_dir: str | Path, config: FitConfig, *, label_field: str | 
     current = data.current_id()
     live = Snapshot(data.snapshots / current) if current else None
     start = live.head if (warm_start and live is not None and live.head.kind == config.kind) else None
-    return write_fitted(data, catalog, store, config, encoder=catalog.get_meta("encoder") or "",
-                        factory=factory or (live.manifest.faiss_factory if live else DEFAULT_FACTORY),
-                        parent_id=current, label_field=label_field, warm_start=start, progress=progress,
-                        feedback=feedback)
+    return write_fitted(
+        data,
+        catalog,
+        store,
+        config,
+        encoder=catalog.get_meta("encoder") or "",
+        factory=factory or (live.manifest.faiss_factory if live else DEFAULT_FACTORY),
+        parent_id=current,
+        label_field=label_field,
+        warm_start=start,
+        progress=progress,
+        feedback=feedback,
+    )
 
 
 EVAL_KINDS = ("identity", "pca", "linear", "mlp", "shared")
 KIND_LABELS = {"identity": "zero-shot"}
 
 
-def compare_heads(data_dir: str | Path, *, kinds=EVAL_KINDS, split: str = "test", base: FitConfig | None = None,
-                  label_field: str | None = None, progress: bool = True) -> dict:
+def compare_heads(
+    data_dir: str | Path,
+    *,
+    kinds=EVAL_KINDS,
+    split: str = "test",
+    base: FitConfig | None = None,
+    label_field: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Fit each head kind on the train split and measure it on ``split``.
 
     Returns:
@@ -236,20 +323,30 @@ def compare_heads(data_dir: str | Path, *, kinds=EVAL_KINDS, split: str = "test"
     results = {}
     for kind in kinds:
         config = replace(base, kind=kind)
-        head, report, _ = fit_from_catalog(catalog, store, config, label_field=label_field, progress=progress,
-                                           vectors=vectors, feedback=False)
-        results[kind] = {**held_out_metrics(catalog, vectors, head, split), "fit_seconds": report.seconds,
-                         "epochs": report.epochs}
-    return {"split": split, "pairs": len(catalog.pairs(split)), "encoder": catalog.get_meta("encoder"),
-            "results": results}
+        head, report, _ = fit_from_catalog(
+            catalog, store, config, label_field=label_field, progress=progress, vectors=vectors, feedback=False
+        )
+        results[kind] = {
+            **held_out_metrics(catalog, vectors, head, split),
+            "fit_seconds": report.seconds,
+            "epochs": report.epochs,
+        }
+    return {
+        "split": split,
+        "pairs": len(catalog.pairs(split)),
+        "encoder": catalog.get_meta("encoder"),
+        "results": results,
+    }
 
 
 def markdown_table(comparison: dict) -> str:
     """A Markdown table of recall@1/5/10 and MRR per head kind and direction."""
-    lines = [f"Held-out split `{comparison['split']}` ({comparison['pairs']} pairs), encoder `{comparison['encoder']}`.",
-             "",
-             "| head | t->i R@1 | t->i R@5 | t->i R@10 | t->i MRR | i->t R@1 | i->t R@5 | i->t R@10 | i->t MRR | fit s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Held-out split `{comparison['split']}` ({comparison['pairs']} pairs), encoder `{comparison['encoder']}`.",
+        "",
+        "| head | t->i R@1 | t->i R@5 | t->i R@10 | t->i MRR | i->t R@1 | i->t R@5 | i->t R@10 | i->t MRR | fit s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for kind, r in comparison["results"].items():
         t, i = r.get("text_to_image", {}), r.get("image_to_text", {})
         cells = [f"{d.get(key, 0):.3f}" for d in (t, i) for key in ("recall@1", "recall@5", "recall@10", "mrr")]

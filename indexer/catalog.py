@@ -131,16 +131,26 @@ class Catalog:
         with self.tx() as db:
             for item, content_hash in items:
                 row = db.execute("SELECT content_hash FROM items WHERE id = ?", (item.id,)).fetchone()
-                values = (item.modality, item.text, item.source, json.dumps(item.metadata, sort_keys=True), content_hash)
+                values = (
+                    item.modality,
+                    item.text,
+                    item.source,
+                    json.dumps(item.metadata, sort_keys=True),
+                    content_hash,
+                )
                 if row is None:
                     db.execute(
                         "INSERT INTO items (modality, text, source, metadata, content_hash, id, added_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (*values, item.id, now))
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (*values, item.id, now),
+                    )
                     counts["added"] += 1
                 elif row[0] != content_hash:
                     db.execute(
                         "UPDATE items SET modality=?, text=?, source=?, metadata=?, content_hash=?, "
-                        "shard=NULL, row=NULL, error=NULL WHERE id=?", (*values, item.id))
+                        "shard=NULL, row=NULL, error=NULL WHERE id=?",
+                        (*values, item.id),
+                    )
                     counts["changed"] += 1
                 else:
                     counts["unchanged"] += 1
@@ -152,38 +162,58 @@ class Catalog:
             for pair in pairs:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO pairs (image_id, text_id, split) VALUES (?, ?, ?)",
-                    (pair.image_id, pair.text_id, pair.split or split_for(pair.image_id)))
+                    (pair.image_id, pair.text_id, pair.split or split_for(pair.image_id)),
+                )
                 added += cur.rowcount
         return added
 
     def pending(self, modality: str) -> list[sqlite3.Row]:
         """Items of a modality without a base vector and without a recorded failure."""
-        return self.db().execute(
-            "SELECT id, text, source FROM items WHERE modality = ? AND shard IS NULL AND error IS NULL ORDER BY id",
-            (modality,)).fetchall()
+        return (
+            self.db()
+            .execute(
+                "SELECT id, text, source FROM items WHERE modality = ? AND shard IS NULL AND error IS NULL ORDER BY id",
+                (modality,),
+            )
+            .fetchall()
+        )
 
     def set_embedded(self, shard: int, ids: Sequence[str]) -> None:
         with self.tx() as db:
-            db.executemany("UPDATE items SET shard = ?, row = ? WHERE id = ?",
-                           [(shard, row, item_id) for row, item_id in enumerate(ids)])
+            db.executemany(
+                "UPDATE items SET shard = ?, row = ? WHERE id = ?",
+                [(shard, row, item_id) for row, item_id in enumerate(ids)],
+            )
 
     def set_failed(self, failures: dict[str, str]) -> None:
         with self.tx() as db:
             db.executemany("UPDATE items SET error = ? WHERE id = ?", [(err, i) for i, err in failures.items()])
 
     def failed(self, modality: str = IMAGE) -> list[tuple[str, str]]:
-        return [(r[0], r[1]) for r in self.db().execute(
-            "SELECT id, error FROM items WHERE modality = ? AND error IS NOT NULL ORDER BY id", (modality,))]
+        return [
+            (r[0], r[1])
+            for r in self.db().execute(
+                "SELECT id, error FROM items WHERE modality = ? AND error IS NOT NULL ORDER BY id", (modality,)
+            )
+        ]
 
     def embedded(self, modality: str) -> list[tuple[str, int, int]]:
         """(id, shard, row) of every embedded item of a modality, in index order."""
-        return [(r[0], r[1], r[2]) for r in self.db().execute(
-            "SELECT id, shard, row FROM items WHERE modality = ? AND shard IS NOT NULL ORDER BY shard, row",
-            (modality,))]
+        return [
+            (r[0], r[1], r[2])
+            for r in self.db().execute(
+                "SELECT id, shard, row FROM items WHERE modality = ? AND shard IS NOT NULL ORDER BY shard, row",
+                (modality,),
+            )
+        ]
 
     def used_shards(self, modality: str) -> set[int]:
-        return {r[0] for r in self.db().execute(
-            "SELECT DISTINCT shard FROM items WHERE modality = ? AND shard IS NOT NULL", (modality,))}
+        return {
+            r[0]
+            for r in self.db().execute(
+                "SELECT DISTINCT shard FROM items WHERE modality = ? AND shard IS NOT NULL", (modality,)
+            )
+        }
 
     def count_items(self) -> dict[str, int]:
         counts = dict.fromkeys(MODALITIES, 0)
@@ -211,22 +241,22 @@ class Catalog:
         ids = list(dict.fromkeys(ids))
         rows: list[sqlite3.Row] = []
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows += self.db().execute(f"SELECT {columns} FROM items WHERE id IN ({marks})", chunk).fetchall()
         return rows
 
     def get_items(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
         """Rows for the given ids (missing ids are simply absent)."""
-        return {row["id"]: row for row in
-                self._rows_by_id("id, modality, text, source, metadata, content_hash", ids)}
+        return {row["id"]: row for row in self._rows_by_id("id, modality, text, source, metadata, content_hash", ids)}
 
     # -- snapshots --------------------------------------------------------------------
     def record_snapshot(self, manifest: Manifest) -> None:
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO snapshots (id, created_at, parent_id, manifest) VALUES (?, ?, ?, ?)",
-                       (manifest.id, manifest.created_at, manifest.parent_id, json.dumps(manifest.to_dict())))
-
+            db.execute(
+                "INSERT OR REPLACE INTO snapshots (id, created_at, parent_id, manifest) VALUES (?, ?, ?, ?)",
+                (manifest.id, manifest.created_at, manifest.parent_id, json.dumps(manifest.to_dict())),
+            )
 
     def item_rows(self, ids: Sequence[str]) -> dict[str, tuple[str, int | None, int | None]]:
         """id -> (modality, shard, row) for the given ids that exist."""

@@ -23,11 +23,11 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import open_clip
 import torch
-from typing import Any, cast
 
 from .errors import ModelUnavailable
 
@@ -90,7 +90,7 @@ def _resolve(model: str, pretrained: str | None) -> ModelSpec:
             raise ModelUnavailable(f"the shipped demo model is missing its weights at {weights}; reinstall xmodal")
         return ModelSpec(model, None, f"{DEMO_MODEL}@sha256:{file_sha256(weights)[:16]}")
     if model.startswith("local-dir:"):
-        folder = Path(model[len("local-dir:"):]).expanduser()
+        folder = Path(model[len("local-dir:") :]).expanduser()
         if not (folder / "open_clip_config.json").is_file():
             raise ModelUnavailable(
                 f"{folder} is not an open_clip local-dir model: it needs open_clip_config.json "

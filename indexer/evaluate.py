@@ -9,8 +9,9 @@ from .errors import InvalidArgument
 DEFAULT_KS = (1, 5, 10)
 
 
-def retrieval_metrics(queries: np.ndarray, gallery: np.ndarray, relevant: list[set[int]],
-                      ks=DEFAULT_KS, chunk: int = 1024) -> dict[str, float]:
+def retrieval_metrics(
+    queries: np.ndarray, gallery: np.ndarray, relevant: list[set[int]], ks=DEFAULT_KS, chunk: int = 1024
+) -> dict[str, float]:
     """Recall@k (a hit if any relevant item is in the top k) and MRR of the first relevant.
 
     Args:
@@ -22,13 +23,15 @@ def retrieval_metrics(queries: np.ndarray, gallery: np.ndarray, relevant: list[s
         {"recall@1": ..., "recall@5": ..., "recall@10": ..., "mrr": ..., "queries": Q}
     """
     if len(queries) != len(relevant):
-        raise InvalidArgument(f"{len(queries)} queries but {len(relevant)} relevance sets: pass one set of "
-                              "relevant gallery rows per query")
+        raise InvalidArgument(
+            f"{len(queries)} queries but {len(relevant)} relevance sets: pass one set of "
+            "relevant gallery rows per query"
+        )
     if len(queries) == 0 or len(gallery) == 0:
         return {**{f"recall@{k}": 0.0 for k in ks}, "mrr": 0.0, "queries": 0}
     first_rank = np.empty(len(queries), np.int64)
     for start in range(0, len(queries), chunk):
-        scores = queries[start:start + chunk] @ gallery.T
+        scores = queries[start : start + chunk] @ gallery.T
         for i, row in enumerate(scores):
             rel = list(relevant[start + i])
             best = row[rel].max()
@@ -40,8 +43,14 @@ def retrieval_metrics(queries: np.ndarray, gallery: np.ndarray, relevant: list[s
     return out
 
 
-def pair_metrics(image_ids: list[str], image_vecs: np.ndarray, text_ids: list[str], text_vecs: np.ndarray,
-                 pairs: list[tuple[str, str]], text_groups: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+def pair_metrics(
+    image_ids: list[str],
+    image_vecs: np.ndarray,
+    text_ids: list[str],
+    text_vecs: np.ndarray,
+    pairs: list[tuple[str, str]],
+    text_groups: dict[str, str] | None = None,
+) -> dict[str, dict[str, float]]:
     """Text->image and image->text metrics over the items of ``pairs`` (a held-out split):
     each query's gallery is every item of the other modality that appears in the pairs.
 

@@ -23,7 +23,7 @@ from .corpus import IMAGE, TEXT
 from .evaluate import retrieval_metrics
 from .heads import Head
 from .train import PairSet, item_key
-from .vectors import Vectors, other_modality
+from .vectors import ModalityVectors, Vectors, other_modality
 
 FEEDBACK_VAL_FRACTION = 0.2
 
@@ -52,17 +52,40 @@ class FeedbackLog:
         self.catalog = catalog
         catalog.ensure_schema(_SCHEMA)
 
-    def add(self, *, feedback_id: str, query_kind: str, query_modality: str, query_text: str,
-            embedding: np.ndarray, relevant: Sequence[str], irrelevant: Sequence[str], weight: float,
-            source: str, split: str) -> None:
+    def add(
+        self,
+        *,
+        feedback_id: str,
+        query_kind: str,
+        query_modality: str,
+        query_text: str,
+        embedding: np.ndarray,
+        relevant: Sequence[str],
+        irrelevant: Sequence[str],
+        weight: float,
+        source: str,
+        split: str,
+    ) -> None:
         """Store one feedback event; durable (WAL, synchronous=FULL) when this returns."""
         blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
         with self.catalog.tx() as db:
             db.execute(
                 "INSERT INTO feedback (id, created_at, query_kind, query_modality, query_text, query_embedding, "
                 "relevant, irrelevant, weight, source, split) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (feedback_id, time.time(), query_kind, query_modality, query_text, blob, json.dumps(list(relevant)),
-                 json.dumps(list(irrelevant)), float(weight), source, split))
+                (
+                    feedback_id,
+                    time.time(),
+                    query_kind,
+                    query_modality,
+                    query_text,
+                    blob,
+                    json.dumps(list(relevant)),
+                    json.dumps(list(irrelevant)),
+                    float(weight),
+                    source,
+                    split,
+                ),
+            )
 
     def events(self) -> list[sqlite3.Row]:
         return self.catalog.db().execute("SELECT * FROM feedback ORDER BY created_at, id").fetchall()
@@ -112,8 +135,9 @@ def split_events(catalog: Catalog) -> tuple[list, list]:
     return [e for e in events if e["split"] == "train"], [e for e in events if e["split"] == "val"]
 
 
-def feedback_pairs(catalog: Catalog, events, vectors: Vectors,
-                   weight_scale: float = 1.0) -> tuple[PairSet | None, str | None]:
+def feedback_pairs(
+    catalog: Catalog, events, vectors: Vectors, weight_scale: float = 1.0
+) -> tuple[PairSet | None, str | None]:
     """Feedback events -> (image, text) pairs of base vectors, and the queries' main modality.
 
     An event whose query and relevant item are of different modalities gives one pair per
@@ -128,53 +152,81 @@ def feedback_pairs(catalog: Catalog, events, vectors: Vectors,
         vectors: the store's base vectors.
         weight_scale: multiplies each event's own weight.
     """
-    text_hashes = _text_hashes(catalog, events)
-    image, text, ikeys, tkeys, weights, modality_counts = [], [], [], [], [], {IMAGE: 0, TEXT: 0}
-    hard, hard_rows, hard_is_image = [], [], []
-
-    def key_of(modality: str, item_id: str) -> int:
-        return item_key("image", item_id) if modality == IMAGE else item_key("text", text_hashes[item_id])
-
+    builder = _FeedbackPairs(_text_hashes(catalog, events), weight_scale)
     for event in events:
-        query_modality = event["query_modality"]
-        other = other_modality(query_modality)
-        gallery = vectors[other]
-        query = np.frombuffer(event["query_embedding"], dtype=np.float32)
+        builder.add(event, vectors[other_modality(event["query_modality"])])
+    return builder.pair_set()
+
+
+class _FeedbackPairs:
+    """Accumulates the pairs and hard negatives of feedback events, in one key space."""
+
+    def __init__(self, text_hashes: dict[str, str], weight_scale: float):
+        self.text_hashes, self.weight_scale = text_hashes, weight_scale
+        self.image: list[np.ndarray] = []
+        self.text: list[np.ndarray] = []
+        self.image_keys: list[int] = []
+        self.text_keys: list[int] = []
+        self.weights: list[float] = []
+        self.hard: list[np.ndarray] = []
+        self.hard_rows: list[int] = []
+        self.hard_is_image: list[bool] = []
+        self.modality_counts = {IMAGE: 0, TEXT: 0}
+
+    def key_of(self, modality: str, item_id: str) -> int:
+        return item_key("image", item_id) if modality == IMAGE else item_key("text", self.text_hashes[item_id])
+
+    def query_key(self, event) -> int:
         if event["query_kind"] == "item_id":
-            query_key = key_of(query_modality, event["query_text"])
-        elif event["query_kind"] == "text":
-            query_key = item_key("text", text_hash(event["query_text"]))
-        else:
-            query_key = item_key("query-image", event["id"])
+            return self.key_of(event["query_modality"], event["query_text"])
+        if event["query_kind"] == "text":
+            return item_key("text", text_hash(event["query_text"]))
+        return item_key("query-image", event["id"])
+
+    def add(self, event, gallery: ModalityVectors) -> None:
+        """One pair per relevant item of the other modality, with the event's wrong items
+        of that modality as its hard negatives."""
+        query_modality = event["query_modality"]
+        query = np.frombuffer(event["query_embedding"], dtype=np.float32)
+        query_key = self.query_key(event)
         relevant = [i for i in json.loads(event["relevant"]) if i in gallery.rows]
-        wrong = [gallery.rows[i] for i in dict.fromkeys(json.loads(event["irrelevant"] or "[]"))
-                 if i in gallery.rows and i not in relevant]
+        irrelevant = dict.fromkeys(json.loads(event["irrelevant"] or "[]"))
+        wrong = [gallery.rows[i] for i in irrelevant if i in gallery.rows and i not in relevant]
         for item in relevant:
             target = gallery.array[gallery.rows[item]]
-            modality_counts[query_modality] += 1
+            self.modality_counts[query_modality] += 1
             if query_modality == TEXT:
-                image.append(target)
-                text.append(query)
-                ikeys.append(key_of(IMAGE, item))
-                tkeys.append(query_key)
+                self._pair(target, query, self.key_of(IMAGE, item), query_key)
             else:
-                image.append(query)
-                text.append(target)
-                ikeys.append(query_key)
-                tkeys.append(key_of(TEXT, item))
-            weights.append(event["weight"] * weight_scale)
+                self._pair(query, target, query_key, self.key_of(TEXT, item))
+            self.weights.append(event["weight"] * self.weight_scale)
             for row in wrong:
-                hard.append(gallery.array[row])
-                hard_rows.append(len(image) - 1)
-                hard_is_image.append(other == IMAGE)
-    if not image:
-        return None, None
-    main = max(modality_counts, key=lambda modality: modality_counts[modality])
-    dim = len(image[0])
-    return PairSet(np.stack(image), np.stack(text), np.asarray(ikeys, np.int64), np.asarray(tkeys, np.int64),
-                   weights=np.asarray(weights, np.float32),
-                   hard=np.stack(hard) if hard else np.zeros((0, dim), np.float32),
-                   hard_rows=np.asarray(hard_rows, np.int64), hard_is_image=np.asarray(hard_is_image, bool)), main
+                self.hard.append(gallery.array[row])
+                self.hard_rows.append(len(self.image) - 1)
+                self.hard_is_image.append(query_modality == TEXT)
+
+    def _pair(self, image: np.ndarray, text: np.ndarray, image_key: int, text_key: int) -> None:
+        self.image.append(image)
+        self.text.append(text)
+        self.image_keys.append(image_key)
+        self.text_keys.append(text_key)
+
+    def pair_set(self) -> tuple[PairSet | None, str | None]:
+        if not self.image:
+            return None, None
+        main = max(self.modality_counts, key=lambda modality: self.modality_counts[modality])
+        dim = len(self.image[0])
+        pairs = PairSet(
+            np.stack(self.image),
+            np.stack(self.text),
+            np.asarray(self.image_keys, np.int64),
+            np.asarray(self.text_keys, np.int64),
+            weights=np.asarray(self.weights, np.float32),
+            hard=np.stack(self.hard) if self.hard else np.zeros((0, dim), np.float32),
+            hard_rows=np.asarray(self.hard_rows, np.int64),
+            hard_is_image=np.asarray(self.hard_is_image, bool),
+        )
+        return pairs, main
 
 
 def _text_hashes(catalog: Catalog, events) -> dict[str, str]:
@@ -190,9 +242,9 @@ def _text_hashes(catalog: Catalog, events) -> dict[str, str]:
 
 
 class HeldOutQuery(NamedTuple):
-    modality: str            # of the query
-    embedding: np.ndarray    # its base embedding
-    relevant: set[int]       # gallery rows of every item any user confirmed for it
+    modality: str  # of the query
+    embedding: np.ndarray  # its base embedding
+    relevant: set[int]  # gallery rows of every item any user confirmed for it
 
 
 def held_out_queries(events, vectors: Vectors) -> list[HeldOutQuery]:
@@ -234,5 +286,15 @@ def feedback_recall(head: Head, queries: list[HeldOutQuery], vectors: Vectors, k
     return hits / total if total else None
 
 
-__all__ = ["FEEDBACK_VAL_FRACTION", "FeedbackLog", "HeldOutQuery", "event_query_key", "feedback_pairs", "feedback_query_key",
-           "feedback_recall", "feedback_split", "held_out_queries", "split_events"]
+__all__ = [
+    "FEEDBACK_VAL_FRACTION",
+    "FeedbackLog",
+    "HeldOutQuery",
+    "event_query_key",
+    "feedback_pairs",
+    "feedback_query_key",
+    "feedback_recall",
+    "feedback_split",
+    "held_out_queries",
+    "split_events",
+]

@@ -75,8 +75,11 @@ class Gate:
         worse = []
         for name in FIGURES:
             before, after = self.reference[name], figures[name]
-            if before is not None and after is not None \
-                    and after < before - max(self.tolerance, 1.0 / max(sizes[name], 1)):
+            if (
+                before is not None
+                and after is not None
+                and after < before - max(self.tolerance, 1.0 / max(sizes[name], 1))
+            ):
                 worse.append(name)
         return worse
 
@@ -103,12 +106,16 @@ class Gate:
         if self.reference is None:
             return Decision(True)
         if must_improve and report.best_epoch == 0:
-            return Decision(False, "no epoch validated better than the live head without falling below it beyond "
-                                   f"the tolerance on either figure (tolerance {self.tolerance}): nothing new to promote")
+            return Decision(
+                False,
+                "no epoch validated better than the live head without falling below it beyond "
+                f"the tolerance on either figure (tolerance {self.tolerance}): nothing new to promote",
+            )
         worse = self.worse(figures)
         if worse:
-            return Decision(False, f"new head validates worse than live on {', '.join(worse)} "
-                                   f"(tolerance {self.tolerance})")
+            return Decision(
+                False, f"new head validates worse than live on {', '.join(worse)} (tolerance {self.tolerance})"
+            )
         return Decision(True)
 
 

@@ -27,12 +27,19 @@ class InfoNCELoss(torch.nn.Module):
         super().__init__()
         if not 0 < temperature < 10:
             raise InvalidArgument(f"temperature must be in (0, 10), got {temperature}: pass e.g. 0.07")
-        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / temperature)),
-                                              requires_grad=learn_temperature)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / temperature)), requires_grad=learn_temperature)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor,
-                weights: torch.Tensor | None = None, *, hard_images: tuple | None = None,
-                hard_texts: tuple | None = None, hard_weight: float = 1.0) -> torch.Tensor:
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        positives: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        *,
+        hard_images: tuple | None = None,
+        hard_texts: tuple | None = None,
+        hard_weight: float = 1.0,
+    ) -> torch.Tensor:
         """
         Args:
             image, text: (B, d) normalised embeddings of B pairs (row i of each is pair i).
@@ -48,8 +55,9 @@ class InfoNCELoss(torch.nn.Module):
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
         logits = scale * image @ text.T
         image_to_text = _each_positive(logits, positives, _with_hard(logits, image, hard_texts, scale, hard_weight))
-        text_to_image = _each_positive(logits.T, positives.T,
-                                       _with_hard(logits.T, text, hard_images, scale, hard_weight))
+        text_to_image = _each_positive(
+            logits.T, positives.T, _with_hard(logits.T, text, hard_images, scale, hard_weight)
+        )
         per_pair = (image_to_text + text_to_image) / 2
         if weights is None:
             return per_pair.mean()
@@ -74,8 +82,9 @@ def _each_positive(logits: torch.Tensor, positives: torch.Tensor, extra: torch.T
     return per.sum(1) / positives.sum(1).clamp(min=1)
 
 
-def _with_hard(logits: torch.Tensor, queries: torch.Tensor, hard: tuple | None, scale: torch.Tensor,
-               weight: float) -> torch.Tensor | None:
+def _with_hard(
+    logits: torch.Tensor, queries: torch.Tensor, hard: tuple | None, scale: torch.Tensor, weight: float
+) -> torch.Tensor | None:
     """(B, M) logits of the hard negatives, each -inf except in the row of the query it
     belongs to (None without hard negatives)."""
     if hard is None or len(hard[0]) == 0:

@@ -51,8 +51,9 @@ class Manifest:
     def from_dict(cls, values: dict[str, Any], where: str = "manifest") -> Manifest:
         """Raises FailedPrecondition for another schema or missing fields."""
         if values.get("schema_version") != MANIFEST_SCHEMA:
-            raise FailedPrecondition(f"{where} has schema {values.get('schema_version')}, "
-                                     f"this xmodal reads {MANIFEST_SCHEMA}")
+            raise FailedPrecondition(
+                f"{where} has schema {values.get('schema_version')}, this xmodal reads {MANIFEST_SCHEMA}"
+            )
         known = set(cls.__dataclass_fields__)
         try:
             return cls(**{k: v for k, v in values.items() if k in known})

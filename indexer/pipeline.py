@@ -55,27 +55,36 @@ class IndexReport:
             f"items: {self.items.get('added', 0)} added, {self.items.get('changed', 0)} changed, "
             f"{self.items.get('unchanged', 0)} unchanged; pairs added: {self.pairs_added}",
             f"embedded: {self.embedded[IMAGE]} images, {self.embedded[TEXT]} texts in {self.seconds:.1f} s"
-            + (f" ({self.embedded[IMAGE] / self.image_seconds:.1f} images/s)" if self.embedded[IMAGE] and self.image_seconds else ""),
+            + (
+                f" ({self.embedded[IMAGE] / self.image_seconds:.1f} images/s)"
+                if self.embedded[IMAGE] and self.image_seconds
+                else ""
+            ),
         ]
         if self.removed_debris:
             lines.append(f"removed {len(self.removed_debris)} leftover file(s) of an interrupted run")
         if self.failed:
             shown = ", ".join(item_id for item_id, _ in self.failed[:10])
             more = f" and {len(self.failed) - 10} more" if len(self.failed) > 10 else ""
-            lines.append(f"skipped {len(self.failed)} undecodable image(s): {shown}{more} "
-                         f"(first reason: {self.failed[0][1]})")
+            lines.append(
+                f"skipped {len(self.failed)} undecodable image(s): {shown}{more} (first reason: {self.failed[0][1]})"
+            )
         lines.extend(self.notes)
         if self.snapshot:
             verb = "wrote" if self.snapshot_written else "up to date:"
             counts = self.snapshot.counts
-            lines.append(f"{verb} snapshot {self.snapshot.id} ({self.snapshot.head_kind} head, "
-                         f"{counts[IMAGE]} images, {counts[TEXT]} texts, {self.snapshot.faiss_factory})")
+            lines.append(
+                f"{verb} snapshot {self.snapshot.id} ({self.snapshot.head_kind} head, "
+                f"{counts[IMAGE]} images, {counts[TEXT]} texts, {self.snapshot.faiss_factory})"
+            )
             metrics = self.snapshot.metrics
             for name, label in (("zero_shot", "zero-shot"), ("adapted", "adapted ")):
                 for direction, m in sorted(metrics.get(name, {}).items(), reverse=True):
-                    lines.append(f"  {label} {direction.replace('_to_', '->')} on {m['queries']} held-out queries: "
-                                 f"R@1 {m['recall@1']:.3f}  R@5 {m['recall@5']:.3f}  R@10 {m['recall@10']:.3f}  "
-                                 f"MRR {m['mrr']:.3f}")
+                    lines.append(
+                        f"  {label} {direction.replace('_to_', '->')} on {m['queries']} held-out queries: "
+                        f"R@1 {m['recall@1']:.3f}  R@5 {m['recall@5']:.3f}  R@10 {m['recall@10']:.3f}  "
+                        f"MRR {m['mrr']:.3f}"
+                    )
         return "\n".join(lines)
 
 
@@ -100,18 +109,18 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, depth:
 
 def _batches(seq: list, size: int) -> Iterator[list]:
     for start in range(0, len(seq), size):
-        yield seq[start:start + size]
+        yield seq[start : start + size]
 
 
 @dataclass(kw_only=True)
 class IndexOptions:
     """How ``xmodal index`` embeds a corpus. Validated on creation."""
 
-    batch_size: int = DEFAULT_BATCH_SIZE    # encoder batch size
-    shard_size: int = DEFAULT_SHARD_SIZE    # items per base shard (and per crash-safe commit)
-    workers: int | None = None              # image decoding threads (default: cores, at most 4)
-    factory: str = DEFAULT_FACTORY          # FAISS index factory string (inner product)
-    progress: bool = True                   # progress bars on stderr
+    batch_size: int = DEFAULT_BATCH_SIZE  # encoder batch size
+    shard_size: int = DEFAULT_SHARD_SIZE  # items per base shard (and per crash-safe commit)
+    workers: int | None = None  # image decoding threads (default: cores, at most 4)
+    factory: str = DEFAULT_FACTORY  # FAISS index factory string (inner product)
+    progress: bool = True  # progress bars on stderr
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shard_size < 1:
@@ -149,14 +158,16 @@ def index_corpus(
         CorpusError: unreadable corpus. FailedPrecondition: another encoder built this
         directory. InvalidArgument: bad options.
     """
-    options = IndexOptions(batch_size=batch_size, shard_size=shard_size, workers=workers, factory=factory,
-                           progress=progress)
+    options = IndexOptions(
+        batch_size=batch_size, shard_size=shard_size, workers=workers, factory=factory, progress=progress
+    )
     started = time.perf_counter()
     parsed = read_corpus(corpus)
     run = _IndexRun(DataDir(data_dir), encoder, options)
     try:
-        with ThreadPoolExecutor(max_workers=options.workers or max(1, min(4, os.cpu_count() or 1)),
-                                thread_name_prefix="xmodal-decode") as pool:
+        with ThreadPoolExecutor(
+            max_workers=options.workers or max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="xmodal-decode"
+        ) as pool:
             run.register(parsed, pool)
             run.embed_texts()
             run.embed_images(pool)
@@ -177,18 +188,21 @@ class _IndexRun:
         self.store = BaseStore(data.base, self.catalog)
         self.report = IndexReport()
         self.report.removed_debris = [str(p) for p in self.store.clean() + data.clean()]
-        self.catalog.bind_encoder(encoder.identity, model=encoder.spec.requested[0],
-                                  pretrained=encoder.spec.requested[1])
+        self.catalog.bind_encoder(
+            encoder.identity, model=encoder.spec.requested[0], pretrained=encoder.spec.requested[1]
+        )
 
     def _bar(self, total: int, desc: str, unit: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.options.progress, file=sys.stderr)
 
     def register(self, parsed: Corpus, pool: ThreadPoolExecutor) -> None:
         """Catalog rows for every item (keyed by id and content hash) and every pair."""
-        hashes = list(pool.map(
-            lambda item: _hash_file(item.source) if item.modality == IMAGE else text_hash(item.text),
-            parsed.items))
-        self.report.items = self.catalog.upsert_items(zip(parsed.items, hashes))
+        hashes = list(
+            pool.map(
+                lambda item: _hash_file(item.source) if item.modality == IMAGE else text_hash(item.text), parsed.items
+            )
+        )
+        self.report.items = self.catalog.upsert_items(zip(parsed.items, hashes, strict=True))
         self.report.pairs_added = self.catalog.add_pairs(parsed.pairs)
 
     def embed_texts(self) -> None:
@@ -260,8 +274,13 @@ class _IndexRun:
         """Nothing changed since ``live`` was written with the same head kind and index."""
         report = self.report
         changed = report.embedded[IMAGE] or report.embedded[TEXT] or report.items.get("changed") or report.pairs_added
-        return (live is not None and not changed and live.manifest.head_kind == config.kind
-                and live.manifest.faiss_factory == self.options.factory and live.encoder == self.encoder.identity)
+        return (
+            live is not None
+            and not changed
+            and live.manifest.head_kind == config.kind
+            and live.manifest.faiss_factory == self.options.factory
+            and live.encoder == self.encoder.identity
+        )
 
     def write_snapshot(self, config: FitConfig, label_field: str | None) -> None:
         """Fit a head (an identity one while there are too few pairs) and write the snapshot,
@@ -273,12 +292,22 @@ class _IndexRun:
             return
         train_pairs = self.catalog.count_pairs()["train"]
         if config.kind != "identity" and train_pairs < config.min_pairs:
-            self.report.notes.append(f"only {train_pairs} train pairs (a {config.kind} head needs {config.min_pairs}): "
-                                     "wrote an identity (zero-shot) head; add pairs and run `xmodal fit`")
+            self.report.notes.append(
+                f"only {train_pairs} train pairs (a {config.kind} head needs {config.min_pairs}): "
+                "wrote an identity (zero-shot) head; add pairs and run `xmodal fit`"
+            )
             config = FitConfig(kind="identity")
-        manifest, fit_report = write_fitted(self.data, self.catalog, self.store, config, encoder=self.encoder.identity,
-                                            factory=self.options.factory, parent_id=current, label_field=label_field,
-                                            progress=self.options.progress)
+        manifest, fit_report = write_fitted(
+            self.data,
+            self.catalog,
+            self.store,
+            config,
+            encoder=self.encoder.identity,
+            factory=self.options.factory,
+            parent_id=current,
+            label_field=label_field,
+            progress=self.options.progress,
+        )
         if config.kind != "identity":
             self.report.notes.append(fit_report.summary())
         if manifest.metrics.get("feedback_pairs"):

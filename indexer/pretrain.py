@@ -33,11 +33,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
 import torch
-from typing import Any
 from safetensors.torch import save_file
 
 from . import world
@@ -78,8 +78,9 @@ def load_config(out_dir: str | os.PathLike) -> dict:
         raise InvalidArgument(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or restore it") from None
     model_cfg = config.get("model_cfg")
     if not isinstance(model_cfg, dict) or "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
-        raise InvalidArgument(f"{path} has no model_cfg with vision_cfg and text_cfg: add both (open_clip's "
-                              "model config layout)")
+        raise InvalidArgument(
+            f"{path} has no model_cfg with vision_cfg and text_cfg: add both (open_clip's model config layout)"
+        )
     pre = config.get("preprocess_cfg", {})
     for key in ("mean", "std"):
         if len(pre.get(key, ())) != 3:
@@ -134,8 +135,10 @@ class Normaliser:
         arrays = []
         for image in images:
             if image.size != (self.size, self.size):
-                raise InvalidArgument(f"expected {self.size}x{self.size} images, got {image.size[0]}x{image.size[1]}: "
-                                      "render or resize them to the model's input size")
+                raise InvalidArgument(
+                    f"expected {self.size}x{self.size} images, got {image.size[0]}x{image.size[1]}: "
+                    "render or resize them to the model's input size"
+                )
             arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
         batch = np.stack(arrays).astype(np.float32) / 255.0
         batch = (batch - self.mean) / self.std
@@ -170,8 +173,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 @torch.no_grad()
-def retrieval(model, normaliser: Normaliser, tokenizer, *, n: int = EVAL_SCENES, style: str = "source",
-              batch_size: int = 250) -> dict:
+def retrieval(
+    model, normaliser: Normaliser, tokenizer, *, n: int = EVAL_SCENES, style: str = "source", batch_size: int = 250
+) -> dict:
     """Text -> image recall on ``n`` held-out scenes (seed disjoint from training).
 
     Args:
@@ -192,7 +196,7 @@ def retrieval(model, normaliser: Normaliser, tokenizer, *, n: int = EVAL_SCENES,
     held_out = world.scenes(n, EVAL_SEED)
     image_features, text_features = [], []
     for start in range(0, n, batch_size):
-        chunk = held_out[start:start + batch_size]
+        chunk = held_out[start : start + batch_size]
         images, tokens = make_batch(chunk, style, normaliser, tokenizer, EVAL_RENDER_SEED + start)
         image_features.append(torch.nn.functional.normalize(model.encode_image(images), dim=-1))
         text_features.append(torch.nn.functional.normalize(model.encode_text(tokens), dim=-1))
@@ -279,8 +283,17 @@ def pretrain(
         InvalidArgument: a bad argument, or the loss became non-finite.
         FileNotFoundError: ``out_dir`` has no config.
     """
-    warmup = _check_arguments(steps=steps, batch_size=batch_size, seed=seed, lr=lr, weight_decay=weight_decay,
-                              warmup=warmup, threads=threads, minutes=minutes, eval_scenes=eval_scenes)
+    warmup = _check_arguments(
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        threads=threads,
+        minutes=minutes,
+        eval_scenes=eval_scenes,
+    )
     config = load_config(out_dir)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -294,9 +307,19 @@ def pretrain(
     normaliser = Normaliser(config)
     optimiser = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     started = time.monotonic()
-    losses = _run_steps(model, optimiser, tokenizer, normaliser, steps=steps, batch_size=batch_size, seed=seed,
-                        lr=lr, warmup=warmup, deadline=started + minutes * 60 if minutes is not None else None,
-                        progress=progress)
+    losses = _run_steps(
+        model,
+        optimiser,
+        tokenizer,
+        normaliser,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        lr=lr,
+        warmup=warmup,
+        deadline=started + minutes * 60 if minutes is not None else None,
+        progress=progress,
+    )
     if not losses:
         raise InvalidArgument(f"the {minutes}-minute cap left no time for a single step: raise --minutes")
     report: dict[str, Any] = {
@@ -311,24 +334,40 @@ def pretrain(
         "logit_scale": float(model.logit_scale.exp().item()),
     }
     if eval_scenes:
-        # Evaluate the fp16-rounded weights, i.e. what is shipped.
-        model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
-        report["source"] = retrieval(model, normaliser, tokenizer, n=eval_scenes, style="source")
-        report["target"] = retrieval(model, normaliser, tokenizer, n=eval_scenes, style="target")
+        report.update(_evaluate_shipped(model, normaliser, tokenizer, eval_scenes))
     path = save_weights(model, out_dir, {"steps": len(losses), "batch_size": batch_size, "seed": seed, "lr": lr})
-    report["weights"] = str(path)
-    report["weights_bytes"] = path.stat().st_size
-    return report
+    return {**report, "weights": str(path), "weights_bytes": path.stat().st_size}
 
 
-def _check_arguments(*, steps: int, batch_size: int, seed: int, lr: float, weight_decay: float,
-                     warmup: int | None, threads: int | None, minutes: float | None, eval_scenes: int) -> int:
+def _evaluate_shipped(model, normaliser: Normaliser, tokenizer, eval_scenes: int) -> dict[str, Any]:
+    """Retrieval on held-out source and target scenes with the fp16-rounded weights, i.e.
+    what is shipped."""
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    return {
+        "source": retrieval(model, normaliser, tokenizer, n=eval_scenes, style="source"),
+        "target": retrieval(model, normaliser, tokenizer, n=eval_scenes, style="target"),
+    }
+
+
+def _check_arguments(
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    warmup: int | None,
+    threads: int | None,
+    minutes: float | None,
+    eval_scenes: int,
+) -> int:
     """Validate :func:`pretrain`'s arguments; returns the warmup (default 5% of steps)."""
     if not isinstance(steps, int) or steps < 1:
         raise InvalidArgument(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(batch_size, int) or batch_size < 2:
-        raise InvalidArgument(f"batch_size must be an integer >= 2 (contrastive loss needs negatives), "
-                              f"got {batch_size!r}")
+        raise InvalidArgument(
+            f"batch_size must be an integer >= 2 (contrastive loss needs negatives), got {batch_size!r}"
+        )
     if not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
         raise InvalidArgument(f"seed must be an integer in [0, {MAX_SEED}), got {seed!r}")
     if not lr > 0:
@@ -348,8 +387,20 @@ def _check_arguments(*, steps: int, batch_size: int, seed: int, lr: float, weigh
     return warmup
 
 
-def _run_steps(model, optimiser, tokenizer, normaliser: Normaliser, *, steps: int, batch_size: int, seed: int,
-               lr: float, warmup: int, deadline: float | None, progress: bool) -> list[float]:
+def _run_steps(
+    model,
+    optimiser,
+    tokenizer,
+    normaliser: Normaliser,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    lr: float,
+    warmup: int,
+    deadline: float | None,
+    progress: bool,
+) -> list[float]:
     """The training loop (cosine schedule, clipped gradients, clamped logit scale); returns
     the loss of each step done (fewer than ``steps`` when ``deadline`` passes)."""
     from tqdm import tqdm
@@ -408,9 +459,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = pretrain(
-            args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
-            weight_decay=args.weight_decay, warmup=args.warmup, threads=args.threads, minutes=args.minutes,
-            eval_scenes=args.eval_scenes, progress=not args.no_progress,
+            args.out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup=args.warmup,
+            threads=args.threads,
+            minutes=args.minutes,
+            eval_scenes=args.eval_scenes,
+            progress=not args.no_progress,
         )
     except (XmodalError, FileNotFoundError) as exc:
         print(f"pretrain: error: {exc}", file=sys.stderr)

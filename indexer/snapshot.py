@@ -76,8 +76,11 @@ class DataDir:
     def snapshot_ids(self) -> list[str]:
         if not self.snapshots.is_dir():
             return []
-        return sorted(p.name for p in self.snapshots.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
+        return sorted(
+            p.name
+            for p in self.snapshots.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+        )
 
     def create(self) -> None:
         """Make the folder (and its parents) if missing.
@@ -183,10 +186,18 @@ def write_snapshot(
             factory, counts = _link_indexes(data.snapshots / reuse_indexes_from, tmp)
         else:
             counts = _build_indexes(tmp, head, vectors or load_vectors(store), factory)
-        manifest = Manifest(id=snapshot_id, parent_id=parent_id, encoder=encoder, base_dim=head.dim_in,
-                            dim=head.dim_out, head={"kind": head.kind, "sha256": head_hash, **head.config},
-                            faiss_factory=factory, counts=counts, metrics=metrics or {},
-                            indexes_from=reuse_indexes_from)
+        manifest = Manifest(
+            id=snapshot_id,
+            parent_id=parent_id,
+            encoder=encoder,
+            base_dim=head.dim_in,
+            dim=head.dim_out,
+            head={"kind": head.kind, "sha256": head_hash, **head.config},
+            faiss_factory=factory,
+            counts=counts,
+            metrics=metrics or {},
+            indexes_from=reuse_indexes_from,
+        )
         manifest.write(tmp)
         fsync_dir(tmp)
         os.replace(tmp, data.snapshots / snapshot_id)
@@ -238,7 +249,9 @@ class ModalityIndex:
 
     def __init__(self, index: faiss.Index, ids: np.ndarray):
         if index.ntotal != len(ids):
-            raise FailedPrecondition(f"index holds {index.ntotal} vectors but its id map {len(ids)}: snapshot is corrupt")
+            raise FailedPrecondition(
+                f"index holds {index.ntotal} vectors but its id map {len(ids)}: snapshot is corrupt"
+            )
         self.index = index
         self.ids = ids
         self.rows = {item_id: row for row, item_id in enumerate(ids.tolist())}

@@ -78,8 +78,9 @@ class BaseStore:
 
     def vector(self, modality: str, shard: int, row: int) -> np.ndarray:
         """One base vector (float32) by its shard and row."""
-        return np.asarray(np.load(self.shard_path(modality, shard), mmap_mode="r", allow_pickle=False)[row],
-                          dtype=np.float32)
+        return np.asarray(
+            np.load(self.shard_path(modality, shard), mmap_mode="r", allow_pickle=False)[row], dtype=np.float32
+        )
 
     def load(self, modality: str) -> ModalityVectors:
         """All embedded items of a modality: ids and float32 base vectors (N x dim)."""

@@ -130,29 +130,54 @@ class PairSet:
             moved = where[self.hard_rows]
             keep = moved >= 0
             hard = (self.hard[keep], moved[keep], self.hard_is_image[keep])
-        return PairSet(self.image[rows], self.text[rows], self.image_keys[rows], self.text_keys[rows],
-                       pick(self.labels), pick(self.weights), *hard)
+        return PairSet(
+            self.image[rows],
+            self.text[rows],
+            self.image_keys[rows],
+            self.text_keys[rows],
+            pick(self.labels),
+            pick(self.weights),
+            *hard,
+        )
 
     @staticmethod
     def concat(parts: list[PairSet]) -> PairSet:
         """Concatenate pair sets. Keys are kept as they are: build the parts in one key
         space (:func:`item_key`), so that an image or caption shared by two parts stays one
         group instead of becoming its own negative."""
-        labels = None if all(p.labels is None for p in parts) else np.concatenate(
-            [p.labels if p.labels is not None else np.full(len(p), -1) for p in parts])
-        weights = None if all(p.weights is None for p in parts) else np.concatenate(
-            [p.weights if p.weights is not None else np.ones(len(p), np.float32) for p in parts])
+        labels = (
+            None
+            if all(p.labels is None for p in parts)
+            else np.concatenate([p.labels if p.labels is not None else np.full(len(p), -1) for p in parts])
+        )
+        weights = (
+            None
+            if all(p.weights is None for p in parts)
+            else np.concatenate([p.weights if p.weights is not None else np.ones(len(p), np.float32) for p in parts])
+        )
         hard: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] = (None, None, None)
         if any(p.n_hard for p in parts):
             dim = parts[0].image.shape[1]
             offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
-            hard = (np.concatenate([p.hard if p.n_hard else np.zeros((0, dim), np.float32) for p in parts]),
-                    np.concatenate([p.hard_rows + o if p.n_hard else np.zeros(0, np.int64)
-                                    for p, o in zip(parts, offsets)]),
-                    np.concatenate([p.hard_is_image if p.n_hard else np.zeros(0, bool) for p in parts]))
-        return PairSet(np.concatenate([p.image for p in parts]), np.concatenate([p.text for p in parts]),
-                       np.concatenate([p.image_keys for p in parts]), np.concatenate([p.text_keys for p in parts]),
-                       labels, weights, *hard)
+            hard = (
+                np.concatenate([p.hard if p.n_hard else np.zeros((0, dim), np.float32) for p in parts]),
+                np.concatenate(
+                    [
+                        p.hard_rows + o if p.n_hard else np.zeros(0, np.int64)
+                        for p, o in zip(parts, offsets, strict=True)
+                    ]
+                ),
+                np.concatenate([p.hard_is_image if p.n_hard else np.zeros(0, bool) for p in parts]),
+            )
+        return PairSet(
+            np.concatenate([p.image for p in parts]),
+            np.concatenate([p.text for p in parts]),
+            np.concatenate([p.image_keys for p in parts]),
+            np.concatenate([p.text_keys for p in parts]),
+            labels,
+            weights,
+            *hard,
+        )
 
 
 def item_key(kind: str, value: str) -> int:
@@ -180,25 +205,33 @@ class FitReport:
     def summary(self) -> str:
         if self.val_before is None:
             return f"{self.kind} head fitted on {self.pairs} pairs in {self.seconds:.1f} s"
-        return (f"{self.kind} head: {self.pairs} pairs, {self.epochs} epochs ({self.stopped}), best epoch "
-                f"{self.best_epoch}, {self.seconds:.1f} s; validation recall@10 {self.val_before:.3f} -> "
-                f"{self.val_best:.3f}")
+        return (
+            f"{self.kind} head: {self.pairs} pairs, {self.epochs} epochs ({self.stopped}), best epoch "
+            f"{self.best_epoch}, {self.seconds:.1f} s; validation recall@10 {self.val_before:.3f} -> "
+            f"{self.val_best:.3f}"
+        )
 
 
 def relevance(pairs: PairSet) -> list[set[int]]:
     """For row i: the rows that share its image or its caption (all right answers)."""
-    return [set(np.flatnonzero((pairs.image_keys == pairs.image_keys[i]) | (pairs.text_keys == pairs.text_keys[i])).tolist())
-            for i in range(len(pairs))]
+    return [
+        set(
+            np.flatnonzero((pairs.image_keys == pairs.image_keys[i]) | (pairs.text_keys == pairs.text_keys[i])).tolist()
+        )
+        for i in range(len(pairs))
+    ]
 
 
 def validation_recall(head: Head, pairs: PairSet, k: int = 10, relevant: list[set[int]] | None = None) -> float:
     """Mean of text->image and image->text recall@k over a pair set (galleries = its rows;
     queries go through their query adapters, galleries do not)."""
     relevant = relevant if relevant is not None else relevance(pairs)
-    t2i = retrieval_metrics(head.project(TEXT, pairs.text, query=True), head.project(IMAGE, pairs.image),
-                            relevant, ks=(k,))[f"recall@{k}"]
-    i2t = retrieval_metrics(head.project(IMAGE, pairs.image, query=True), head.project(TEXT, pairs.text),
-                            relevant, ks=(k,))[f"recall@{k}"]
+    t2i = retrieval_metrics(
+        head.project(TEXT, pairs.text, query=True), head.project(IMAGE, pairs.image), relevant, ks=(k,)
+    )[f"recall@{k}"]
+    i2t = retrieval_metrics(
+        head.project(IMAGE, pairs.image, query=True), head.project(TEXT, pairs.text), relevant, ks=(k,)
+    )[f"recall@{k}"]
     return (t2i + i2t) / 2
 
 
@@ -208,8 +241,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_start: Head | None = None,
-             progress: bool = False, score: Callable[[Head], float | None] | None = None) -> tuple[Head, FitReport]:
+def fit_head(
+    train: PairSet,
+    val: PairSet | None,
+    config: FitConfig,
+    *,
+    warm_start: Head | None = None,
+    progress: bool = False,
+    score: Callable[[Head], float | None] | None = None,
+) -> tuple[Head, FitReport]:
     """Fit a head of ``config.kind`` on ``train``; early-stop on ``val``.
 
     Args:
@@ -239,8 +279,10 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
         report.seconds = time.perf_counter() - started
         return head.eval(), report
     if len(train) < config.min_pairs:
-        raise InvalidArgument(f"a {config.kind} head needs at least {config.min_pairs} training pairs, got "
-                              f"{len(train)}: add pairs, or use --head identity")
+        raise InvalidArgument(
+            f"a {config.kind} head needs at least {config.min_pairs} training pairs, got "
+            f"{len(train)}: add pairs, or use --head identity"
+        )
     head = Head(config.kind, dim_in, config.dim_out, options)
     if config.kind == "pca":
         pca = head.projections["shared"]
@@ -262,8 +304,16 @@ def fit_head(train: PairSet, val: PairSet | None, config: FitConfig, *, warm_sta
     return head.eval(), report
 
 
-def fit_query_adapter(live: Head, modality: str, train: PairSet, val: PairSet | None, config: FitConfig, *,
-                      progress: bool = False, score: Callable[[Head], float | None] | None = None) -> tuple[Head, FitReport]:
+def fit_query_adapter(
+    live: Head,
+    modality: str,
+    train: PairSet,
+    val: PairSet | None,
+    config: FitConfig,
+    *,
+    progress: bool = False,
+    score: Callable[[Head], float | None] | None = None,
+) -> tuple[Head, FitReport]:
     """Train only a query-side adapter for ``modality`` on top of a frozen ``live`` head
     (warm-started from its adapter, if it has one). Documents projected by ``live`` stay
     valid for the result, so its indexes can be reused as they are.
@@ -283,16 +333,25 @@ def fit_query_adapter(live: Head, modality: str, train: PairSet, val: PairSet | 
     params = list(head.query_adapters[modality].parameters())
     for parameter in params:
         parameter.requires_grad_(True)
-    _train(head, params, train, val, config, report, started, progress=progress, query_modality=modality,
-           score=score)
+    _train(head, params, train, val, config, report, started, progress=progress, query_modality=modality, score=score)
     for parameter in head.parameters():
         parameter.requires_grad_(True)
     return head.eval(), report
 
 
-def _train(head: Head, params: list, train: PairSet, val: PairSet | None, config: FitConfig, report: FitReport,
-           started: float, *, progress: bool, query_modality: str | None = None,
-           score: Callable[[Head], float | None] | None = None) -> None:
+def _train(
+    head: Head,
+    params: list,
+    train: PairSet,
+    val: PairSet | None,
+    config: FitConfig,
+    report: FitReport,
+    started: float,
+    *,
+    progress: bool,
+    query_modality: str | None = None,
+    score: Callable[[Head], float | None] | None = None,
+) -> None:
     """The shared loop: InfoNCE (+ label losses), AdamW, early stopping on validation
     recall from epoch 0; leaves the best state in ``head`` and fills ``report``."""
     _TrainingLoop(head, params, train, val, config, query_modality, score).run(report, started, progress)
@@ -325,8 +384,10 @@ class _Batches:
         self.position[rows] = -1
         chosen = local >= 0
         out = []
-        for name, modality, mask in (("hard_images", IMAGE, self.hard_is_image),
-                                     ("hard_texts", TEXT, ~self.hard_is_image)):
+        for name, modality, mask in (
+            ("hard_images", IMAGE, self.hard_is_image),
+            ("hard_texts", TEXT, ~self.hard_is_image),
+        ):
             pick = chosen & mask
             if pick.any():
                 out.append((name, modality, self.hard[pick], local[pick]))
@@ -336,8 +397,16 @@ class _Batches:
 class _TrainingLoop:
     """Epochs of shuffled batches, validated after each; keeps the best state."""
 
-    def __init__(self, head: Head, params: list, train: PairSet, val: PairSet | None, config: FitConfig,
-                 query_modality: str | None, score: Callable[[Head], float | None] | None):
+    def __init__(
+        self,
+        head: Head,
+        params: list,
+        train: PairSet,
+        val: PairSet | None,
+        config: FitConfig,
+        query_modality: str | None,
+        score: Callable[[Head], float | None] | None,
+    ):
         self.head, self.config, self.query_modality = head, config, query_modality
         self.loss_fn = InfoNCELoss(config.temperature, config.learn_temperature)
         params = params + [p for p in self.loss_fn.parameters() if p.requires_grad]
@@ -364,10 +433,18 @@ class _TrainingLoop:
         txt = head(TEXT, b.text[rows], qm == TEXT)
         ik, tk = b.image_keys[rows], b.text_keys[rows]
         positives = (ik[:, None] == ik[None, :]) | (tk[:, None] == tk[None, :])
-        hard = {name: (head(modality, vectors, qm == modality), local)
-                for name, modality, vectors, local in b.hard_negatives(rows)}
-        loss = self.loss_fn(img, txt, positives, b.weights[rows] if b.weights is not None else None,
-                            hard_weight=config.hard_negative_weight, **hard)
+        hard = {
+            name: (head(modality, vectors, qm == modality), local)
+            for name, modality, vectors, local in b.hard_negatives(rows)
+        }
+        loss = self.loss_fn(
+            img,
+            txt,
+            positives,
+            b.weights[rows] if b.weights is not None else None,
+            hard_weight=config.hard_negative_weight,
+            **hard,
+        )
         if b.labels is not None and (config.pairwise_weight or config.supcon_weight):
             both = torch.cat([img, txt])
             both_labels = torch.cat([b.labels[rows], b.labels[rows]])
@@ -382,7 +459,7 @@ class _TrainingLoop:
         order = torch.randperm(self.batches.n, generator=self.generator)
         total, count = 0.0, 0
         for start in range(0, len(order), self.config.batch_size):
-            rows = order[start:start + self.config.batch_size]
+            rows = order[start : start + self.config.batch_size]
             if len(rows) < 2:
                 continue
             loss = self.batch_loss(rows)
@@ -401,8 +478,13 @@ class _TrainingLoop:
         report.curve.append({"epoch": 0, "loss": None, "val_recall@10": report.val_before})
         since_best = 0
         report.stopped = "epochs"
-        bar = tqdm(range(1, config.epochs + 1), desc=f"fitting {report.kind}", unit="epoch",
-                   disable=not progress, file=sys.stderr)
+        bar = tqdm(
+            range(1, config.epochs + 1),
+            desc=f"fitting {report.kind}",
+            unit="epoch",
+            disable=not progress,
+            file=sys.stderr,
+        )
         self.head.train()
         for epoch in bar:
             loss = self.epoch()
@@ -427,8 +509,9 @@ class _TrainingLoop:
         report.seconds = time.perf_counter() - started
 
 
-def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_field: str | None = None,
-                       vectors: Vectors | None = None) -> PairSet:
+def pairs_from_catalog(
+    catalog: Catalog, store: BaseStore, split: str, *, label_field: str | None = None, vectors: Vectors | None = None
+) -> PairSet:
     """The pairs of a split with their base vectors (pairs with a missing vector are left out).
 
     Args:
@@ -446,7 +529,8 @@ def pairs_from_catalog(catalog: Catalog, store: BaseStore, split: str, *, label_
     return PairSet(
         images.array[[images.rows[i] for i, _ in pairs]],
         texts.array[[texts.rows[t] for _, t in pairs]],
-        np.asarray(image_keys, np.int64), np.asarray(text_keys, np.int64),
+        np.asarray(image_keys, np.int64),
+        np.asarray(text_keys, np.int64),
         _labels(info, pairs, label_field) if label_field else None,
     )
 
@@ -462,5 +546,14 @@ def _labels(info: dict, pairs: list[tuple[str, str]], label_field: str) -> np.nd
     return np.asarray(labels, np.int64)
 
 
-__all__ = ["FitConfig", "FitReport", "PairSet", "item_key", "fit_head", "fit_query_adapter", "pairs_from_catalog", "validation_recall",
-           "TRAINABLE_KINDS"]
+__all__ = [
+    "FitConfig",
+    "FitReport",
+    "PairSet",
+    "item_key",
+    "fit_head",
+    "fit_query_adapter",
+    "pairs_from_catalog",
+    "validation_recall",
+    "TRAINABLE_KINDS",
+]

@@ -29,39 +29,77 @@ from .errors import InvalidArgument
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
-    "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "cyan": (40, 200, 210),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+    "cyan": (40, 200, 210),
 }
 POSITIONS = {
-    "upper left": (0.3, 0.3), "upper right": (0.7, 0.3), "lower left": (0.3, 0.7),
-    "lower right": (0.7, 0.7), "center": (0.5, 0.5),
+    "upper left": (0.3, 0.3),
+    "upper right": (0.7, 0.3),
+    "lower left": (0.3, 0.7),
+    "lower right": (0.7, 0.7),
+    "center": (0.5, 0.5),
 }
 SIZES = {"small": 0.16, "large": 0.32}
 BACKGROUNDS = {"gray": (120, 120, 120), "black": (15, 15, 15), "beige": (215, 200, 170), "navy": (25, 30, 80)}
 
 # The target style's vocabulary: same facts, another register.
 TARGET_SHAPES = {
-    "circle": "round opacity", "square": "quadrilateral density", "triangle": "wedge-shaped lesion",
-    "cross": "cruciform artifact", "ring": "annular lesion", "diamond": "rhomboid density",
+    "circle": "round opacity",
+    "square": "quadrilateral density",
+    "triangle": "wedge-shaped lesion",
+    "cross": "cruciform artifact",
+    "ring": "annular lesion",
+    "diamond": "rhomboid density",
 }
 TARGET_COLOURS = {
-    "red": "hyperdense", "green": "isodense", "blue": "hypodense", "yellow": "calcified",
-    "purple": "heterogeneous", "orange": "enhancing", "white": "radiopaque", "cyan": "cystic",
+    "red": "hyperdense",
+    "green": "isodense",
+    "blue": "hypodense",
+    "yellow": "calcified",
+    "purple": "heterogeneous",
+    "orange": "enhancing",
+    "white": "radiopaque",
+    "cyan": "cystic",
 }
 TARGET_POSITIONS = {
-    "upper left": "left upper zone", "upper right": "right upper zone", "lower left": "left lower zone",
-    "lower right": "right lower zone", "center": "central region",
+    "upper left": "left upper zone",
+    "upper right": "right upper zone",
+    "lower left": "left lower zone",
+    "lower right": "right lower zone",
+    "center": "central region",
 }
 TARGET_SIZES = {"small": "small", "large": "large"}
 # The third phrasing, reserved for the feedback simulation: how users type queries. Terse,
 # plain colour words, other shape and position words, no background; never used to fit
 # heads on the corpus.
-USER_SHAPES = {"circle": "blob", "square": "box", "triangle": "wedge", "cross": "plus sign", "ring": "hoop",
-               "diamond": "rhombus"}
-USER_POSITIONS = {"upper left": "top left", "upper right": "top right", "lower left": "bottom left",
-                  "lower right": "bottom right", "center": "middle"}
+USER_SHAPES = {
+    "circle": "blob",
+    "square": "box",
+    "triangle": "wedge",
+    "cross": "plus sign",
+    "ring": "hoop",
+    "diamond": "rhombus",
+}
+USER_POSITIONS = {
+    "upper left": "top left",
+    "upper right": "top right",
+    "lower left": "bottom left",
+    "lower right": "bottom right",
+    "center": "middle",
+}
 USER_SIZES = {"small": "tiny", "large": "big"}
-TARGET_BACKGROUNDS = {"gray": "standard window", "black": "dark field", "beige": "soft tissue window", "navy": "bone window"}
+TARGET_BACKGROUNDS = {
+    "gray": "standard window",
+    "black": "dark field",
+    "beige": "soft tissue window",
+    "navy": "bone window",
+}
 STYLES = ("source", "target")
 PHRASINGS = ("source", "target", "user")  # captions only: "user" has no picture style of its own
 
@@ -88,11 +126,16 @@ def scenes(n: int, seed: int = 0) -> list[Scene]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        out.append(Scene(
-            shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), position=rng.choice(list(POSITIONS)),
-            size=rng.choice(list(SIZES)), background=rng.choice(list(BACKGROUNDS)),
-            jitter=(rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)),
-        ))
+        out.append(
+            Scene(
+                shape=rng.choice(SHAPES),
+                colour=rng.choice(list(COLOURS)),
+                position=rng.choice(list(POSITIONS)),
+                size=rng.choice(list(SIZES)),
+                background=rng.choice(list(BACKGROUNDS)),
+                jitter=(rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)),
+            )
+        )
     return out
 
 
@@ -100,8 +143,10 @@ def caption(scene: Scene, style: str = "source") -> str:
     if style == "source":
         return f"a {scene.size} {scene.colour} {scene.shape} in the {scene.position} on a {scene.background} background"
     if style == "target":
-        return (f"{TARGET_SIZES[scene.size]} {TARGET_SHAPES[scene.shape]}, {TARGET_COLOURS[scene.colour]}, "
-                f"{TARGET_POSITIONS[scene.position]}, {TARGET_BACKGROUNDS[scene.background]}")
+        return (
+            f"{TARGET_SIZES[scene.size]} {TARGET_SHAPES[scene.shape]}, {TARGET_COLOURS[scene.colour]}, "
+            f"{TARGET_POSITIONS[scene.position]}, {TARGET_BACKGROUNDS[scene.background]}"
+        )
     if style == "user":
         return f"{USER_SIZES[scene.size]} {scene.colour} {USER_SHAPES[scene.shape]} {USER_POSITIONS[scene.position]}"
     raise InvalidArgument(f"unknown phrasing {style!r}; choose one of {PHRASINGS}")
@@ -140,7 +185,9 @@ def render(scene: Scene, style: str = "source", size: int = 96, seed: int = 0) -
     return Image.fromarray(np.clip(grey + noise, 0, 255).astype(np.uint8), mode="L")
 
 
-def write_corpus(out_dir: str | Path, n: int = 1000, *, seed: int = 0, style: str = "source", image_size: int = 96) -> Path:
+def write_corpus(
+    out_dir: str | Path, n: int = 1000, *, seed: int = 0, style: str = "source", image_size: int = 96
+) -> Path:
     """Write a folder corpus (images/ + captions.jsonl, the ROCO layout) and return it.
 
     Re-running with the same arguments leaves the same files (nothing is rewritten).
@@ -156,10 +203,17 @@ def write_corpus(out_dir: str | Path, n: int = 1000, *, seed: int = 0, style: st
             tmp = path.with_suffix(".tmp.png")
             render(scene, style, image_size, seed=seed * 1_000_003 + i).save(tmp)
             tmp.replace(path)
-        lines.append(json.dumps({
-            "id": item_id, "image": rel, "caption": caption(scene, style),
-            "label": scene.label, "style": style,
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "id": item_id,
+                    "image": rel,
+                    "caption": caption(scene, style),
+                    "label": scene.label,
+                    "style": style,
+                }
+            )
+        )
     captions = out / "captions.jsonl"
     tmp = captions.with_suffix(".jsonl.tmp")
     tmp.write_text("\n".join(lines) + "\n")

@@ -64,7 +64,7 @@ class KeyRing:
         return len(self.entries)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, environ: dict | None = None) -> "KeyRing":
+    def load(cls, path: str | Path | None = None, environ: dict | None = None) -> KeyRing:
         """Keys from a JSON file ({"keys": [{"name", "role", "sha256"}]}) and the environment."""
         entries: list[KeyEntry] = []
         if path:
@@ -115,8 +115,9 @@ def _read_key_file(path: Path) -> dict:
     """
     if not path.exists():
         if not path.parent.is_dir():
-            raise InvalidArgument(f"folder {path.parent} does not exist: create it, or pass a key file in an "
-                                  "existing folder")
+            raise InvalidArgument(
+                f"folder {path.parent} does not exist: create it, or pass a key file in an existing folder"
+            )
         return {"keys": []}
     try:
         document = json.loads(path.read_text())
@@ -124,8 +125,9 @@ def _read_key_file(path: Path) -> dict:
         if not isinstance(entries, list) or not all(isinstance(k, dict) and "name" in k for k in entries):
             raise TypeError("'keys' must be a list of objects with a name")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument(f"cannot read API keys from {path}: {exc}; expected {KEY_FILE_LAYOUT}, or pass a "
-                              "new file") from None
+        raise InvalidArgument(
+            f"cannot read API keys from {path}: {exc}; expected {KEY_FILE_LAYOUT}, or pass a new file"
+        ) from None
     return document
 
 
@@ -151,14 +153,20 @@ class AuthInterceptor(grpc.ServerInterceptor):
         header = metadata.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            return _deny(grpc.StatusCode.UNAUTHENTICATED,
-                         "missing credentials: send metadata 'authorization: Bearer <api key>'", method)
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credentials: send metadata 'authorization: Bearer <api key>'",
+                method,
+            )
         entry = self.keys.role_of(key.strip())
         if entry is None:
             return _deny(grpc.StatusCode.UNAUTHENTICATED, "API key not recognised", method)
         allowed = ALLOWED[entry.role]
         if allowed is not None and method not in allowed:
-            return _deny(grpc.StatusCode.PERMISSION_DENIED,
-                         f"role '{entry.role}' may not call {method.rsplit('/', 1)[-1]}; it needs role "
-                         f"{'feedback' if method in _FEEDBACK else 'admin'}", method)
+            return _deny(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"role '{entry.role}' may not call {method.rsplit('/', 1)[-1]}; it needs role "
+                f"{'feedback' if method in _FEEDBACK else 'admin'}",
+                method,
+            )
         return continuation(handler_call_details)

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from xmodal.indexer import world
 from xmodal.indexer.catalog import Catalog
-from xmodal.indexer.errors import FailedPrecondition
 from xmodal.indexer.encoder import DEMO_MODEL, Encoder, load_encoder
+from xmodal.indexer.errors import FailedPrecondition
 from xmodal.indexer.heads import Head
 from xmodal.indexer.manifest import Manifest
 from xmodal.indexer.pipeline import index_corpus
 from xmodal.indexer.snapshot import DataDir, Snapshot, write_snapshot
 from xmodal.indexer.store import BaseStore
+from xmodal.server.config import ServeConfig
 from xmodal.server.engine import SearchEngine
 from xmodal.server.live import LiveView
 
@@ -42,8 +43,14 @@ def _zero_shot_snapshot(data: DataDir, encoder_identity: str) -> str:
         if manifest.head_kind == "identity" and manifest.counts == current.manifest.counts:
             return snapshot_id
     catalog = Catalog(data.catalog_path)
-    manifest = write_snapshot(data, catalog, BaseStore(data.base, catalog), Head("identity", current.head.dim_in),
-                              encoder=encoder_identity, make_current=False)
+    manifest = write_snapshot(
+        data,
+        catalog,
+        BaseStore(data.base, catalog),
+        Head("identity", current.head.dim_in),
+        encoder=encoder_identity,
+        make_current=False,
+    )
     return manifest.id
 
 
@@ -52,7 +59,7 @@ def _captions(corpus: Path) -> dict[str, str]:
         return {r["id"]: r["caption"] for r in map(json.loads, handle)}
 
 
-def run_demo(*, data: str = "demo-data", port: int = 50051, once: bool = False, n: int = 2000) -> int:
+def run_demo(*, data: str = "demo-data", port: int = ServeConfig.port, once: bool = False, n: int = 2000) -> int:
     from xmodal.client import SearchClient
     from xmodal.server.service import Server
 
@@ -80,9 +87,11 @@ def run_demo(*, data: str = "demo-data", port: int = 50051, once: bool = False, 
     if once:
         server.stop(grace=1)
         return 0
-    print(f"\nstill serving on {server.address}; try:\n"
-          f"  xmodal search --server {server.address} --text '{captions[held_out[0]]}'\n"
-          "press Ctrl-C to stop")
+    print(
+        f"\nstill serving on {server.address}; try:\n"
+        f"  xmodal search --server {server.address} --text '{captions[held_out[0]]}'\n"
+        "press Ctrl-C to stop"
+    )
     stopping = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -106,8 +115,9 @@ def _engines(datadir: DataDir, encoder: Encoder) -> tuple[SearchEngine, SearchEn
     return adapted, zero_shot
 
 
-def _show_searches(client, adapted: SearchEngine, zero_shot: SearchEngine, captions: dict[str, str],
-                   held_out: list[str]) -> None:
+def _show_searches(
+    client, adapted: SearchEngine, zero_shot: SearchEngine, captions: dict[str, str], held_out: list[str]
+) -> None:
     """Held-out text queries, zero-shot beside adapted; then one image query."""
     for image_id in held_out:
         query = captions[image_id]
@@ -132,5 +142,7 @@ def _print_recall(metrics: dict) -> None:
     print("\n'=' marks an image whose own caption is the query (identical captions count too).")
     if "adapted" in metrics:
         zs, ad = metrics["zero_shot"]["text_to_image"], metrics["adapted"]["text_to_image"]
-        print(f"held-out text->image recall@10: zero-shot {zs['recall@10']:.3f} -> adapted {ad['recall@10']:.3f} "
-              f"({ad['queries']} queries)")
+        print(
+            f"held-out text->image recall@10: zero-shot {zs['recall@10']:.3f} -> adapted {ad['recall@10']:.3f} "
+            f"({ad['queries']} queries)"
+        )

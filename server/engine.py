@@ -13,8 +13,6 @@ benchmarks and the tests call.
 from __future__ import annotations
 
 import time
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as distribution_version
 from pathlib import Path
 
 from xmodal.indexer.catalog import Catalog
@@ -23,18 +21,11 @@ from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.snapshot import DataDir, Snapshot
 from xmodal.indexer.store import BaseStore
 
+from .config import version
 from .intake import FeedbackIntake
 from .limits import Limits
 from .live import LiveView
 from .query import Hit, ItemRecord, QueryPath, SearchResult
-
-
-def version() -> str:
-    """xmodal's version, as installed (pyproject.toml is the one place it is written)."""
-    try:
-        return distribution_version("xmodal")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class SearchEngine:
@@ -75,8 +66,10 @@ class SearchEngine:
         return {
             "serving": snapshot is not None,
             "snapshot": snapshot.manifest if snapshot else None,
-            "counts": {m: {"catalog_items": counts[m], "indexed": len(snapshot.indexes[m]) if snapshot else 0}
-                       for m in MODALITIES},
+            "counts": {
+                m: {"catalog_items": counts[m], "indexed": len(snapshot.indexes[m]) if snapshot else 0}
+                for m in MODALITIES
+            },
             "version": version(),
             "uptime_s": time.time() - self.started,
             "max_k": self.limits.max_k,

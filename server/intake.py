@@ -26,9 +26,17 @@ class FeedbackIntake:
         self.limits = limits
         self.log = FeedbackLog(catalog)
 
-    def submit_feedback(self, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None,
-                        relevant: list[str], irrelevant: list[str] | None = None, weight: float = 1.0,
-                        source: str = "") -> str:
+    def submit_feedback(
+        self,
+        *,
+        text: str | None = None,
+        image: bytes | None = None,
+        item_id: str | None = None,
+        relevant: list[str],
+        irrelevant: list[str] | None = None,
+        weight: float = 1.0,
+        source: str = "",
+    ) -> str:
         """Record that ``relevant`` items answer a query. Durable when it returns.
 
         The query's base embedding is stored with the event, so refits never re-encode.
@@ -62,13 +70,30 @@ class FeedbackIntake:
             kind, query_text = ("text", text) if text is not None else ("image", "")
         key = feedback_query_key(kind, image if image is not None else query_text)
         feedback_id = "fb-" + secrets.token_hex(8)
-        self.log.add(feedback_id=feedback_id, query_kind=kind, query_modality=modality, query_text=query_text,
-                     embedding=np.asarray(base).reshape(-1), relevant=relevant, irrelevant=irrelevant,
-                     weight=float(weight), source=source, split=feedback_split(key))
+        self.log.add(
+            feedback_id=feedback_id,
+            query_kind=kind,
+            query_modality=modality,
+            query_text=query_text,
+            embedding=np.asarray(base).reshape(-1),
+            relevant=relevant,
+            irrelevant=irrelevant,
+            weight=float(weight),
+            source=source,
+            split=feedback_split(key),
+        )
         return feedback_id
 
-    def _check(self, text: str | None, image: bytes | None, item_id: str | None, relevant: list[str],
-               irrelevant: list[str], weight: float, source: str) -> float:
+    def _check(
+        self,
+        text: str | None,
+        image: bytes | None,
+        item_id: str | None,
+        relevant: list[str],
+        irrelevant: list[str],
+        weight: float,
+        source: str,
+    ) -> float:
         """Validate an event's shape and limits; returns its weight (0, proto3's unset, is 1)."""
         given = [v for v in (text, image, item_id) if v is not None]
         if len(given) != 1:
@@ -76,8 +101,10 @@ class FeedbackIntake:
         if not relevant:
             raise InvalidArgument("feedback needs at least one relevant item id (the item the user confirmed)")
         if len(relevant) + len(irrelevant) > self.limits.max_feedback_ids:
-            raise ResourceExhausted(f"{len(relevant) + len(irrelevant)} item ids in one feedback event, over the limit "
-                                    f"of {self.limits.max_feedback_ids}")
+            raise ResourceExhausted(
+                f"{len(relevant) + len(irrelevant)} item ids in one feedback event, over the limit "
+                f"of {self.limits.max_feedback_ids}"
+            )
         if any(not isinstance(i, str) or not i.strip() for i in relevant + irrelevant):
             raise InvalidArgument("an item id in relevant_ids or irrelevant_ids is empty")
         if weight == 0:

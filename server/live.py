@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.errors import FailedPrecondition
@@ -83,8 +83,7 @@ class LiveView:
                 return False
             snapshot = self.open_snapshot(snapshot_id)
             self._snapshot = snapshot  # the swap: one reference assignment
-            log.info("live snapshot is now %s (%s head, %s)", snapshot.id, snapshot.head.kind,
-                     snapshot.manifest.counts)
+            log.info("live snapshot is now %s (%s head, %s)", snapshot.id, snapshot.head.kind, snapshot.manifest.counts)
         for listener in self._listeners:
             listener(snapshot)
         return True
@@ -102,12 +101,15 @@ class LiveView:
                 f"{self.encoder.identity}: start the server with the model the data directory was indexed with"
             )
         if snapshot.manifest.base_dim != self.encoder.dim:
-            raise FailedPrecondition(f"snapshot {snapshot_id} expects {snapshot.manifest.base_dim}-d base "
-                                     f"vectors, the encoder makes {self.encoder.dim}-d")
+            raise FailedPrecondition(
+                f"snapshot {snapshot_id} expects {snapshot.manifest.base_dim}-d base "
+                f"vectors, the encoder makes {self.encoder.dim}-d"
+            )
         return snapshot
 
     def watch(self, interval: float = 2.0) -> None:
         """Poll CURRENT in a background thread and swap when it changes."""
+
         def loop() -> None:
             while not self._stop.wait(interval):
                 try:

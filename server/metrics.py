@@ -5,8 +5,12 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REQUESTS = Counter("xmodal_requests_total", "RPCs answered, by method and status code", ["method", "code"])
-LATENCY = Histogram("xmodal_request_seconds", "RPC latency, by method", ["method"],
-                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+LATENCY = Histogram(
+    "xmodal_request_seconds",
+    "RPC latency, by method",
+    ["method"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 FEEDBACK = Counter("xmodal_feedback_events_total", "feedback events acknowledged")
 REFITS = Counter("xmodal_refit_runs_total", "refit runs finished, by mode and state", ["mode", "state"])
 REFIT_SECONDS = Histogram("xmodal_refit_seconds", "refit run durations", buckets=(1, 5, 15, 60, 300, 900, 3600))

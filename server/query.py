@@ -58,13 +58,15 @@ class QueryPath:
         self.catalog = catalog
         self.limits = limits
 
-    def query_vector(self, snapshot: Snapshot, *, text: str | None = None, image: bytes | None = None,
-                     item_id: str | None = None) -> tuple[str, np.ndarray, dict]:
+    def query_vector(
+        self, snapshot: Snapshot, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None
+    ) -> tuple[str, np.ndarray, dict]:
         """The adapted query vector (1, dim), its modality and the time spent per stage."""
         given = [name for name, value in (("text", text), ("image", image), ("item_id", item_id)) if value is not None]
         if len(given) != 1:
-            raise InvalidArgument("a query needs exactly one of text, image or item_id"
-                                  + (f" (got {', '.join(given)})" if given else ""))
+            raise InvalidArgument(
+                "a query needs exactly one of text, image or item_id" + (f" (got {', '.join(given)})" if given else "")
+            )
         timing = {"encode_ms": 0.0, "head_ms": 0.0}
         if item_id is not None:
             if not item_id.strip():
@@ -89,24 +91,37 @@ class QueryPath:
             if not text.strip():
                 raise InvalidArgument("query text is empty: send the words to search for")
             if len(text) > self.limits.max_text_chars:
-                raise ResourceExhausted(f"query text has {len(text):,} characters, over the limit of "
-                                        f"{self.limits.max_text_chars:,}")
+                raise ResourceExhausted(
+                    f"query text has {len(text):,} characters, over the limit of {self.limits.max_text_chars:,}"
+                )
             return TEXT, self.encoder.encode_texts([text])
         if image is None:
             raise InvalidArgument("a query needs text, image or item_id")
         if len(image) > self.limits.max_image_bytes:
-            raise ResourceExhausted(f"image has {len(image):,} bytes, over the limit of {self.limits.max_image_bytes:,}")
+            raise ResourceExhausted(
+                f"image has {len(image):,} bytes, over the limit of {self.limits.max_image_bytes:,}"
+            )
         picture = decode_image(image, max_pixels=self.limits.max_pixels)
         return IMAGE, self.encoder.encode_images([picture])
 
     def check_deadline(self, deadline: float | None, stage: str) -> None:
         """Raise DeadlineExceeded if ``deadline`` (time.monotonic) has passed."""
         if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded(f"deadline passed during {stage}: retry, or give the call a longer deadline "
-                                   f"(the server caps calls at {self.limits.deadline_s} s)")
+            raise DeadlineExceeded(
+                f"deadline passed during {stage}: retry, or give the call a longer deadline "
+                f"(the server caps calls at {self.limits.deadline_s} s)"
+            )
 
-    def search(self, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None,
-               target: str | None = None, k: int = 10, deadline: float | None = None) -> SearchResult:
+    def search(
+        self,
+        *,
+        text: str | None = None,
+        image: bytes | None = None,
+        item_id: str | None = None,
+        target: str | None = None,
+        k: int = 10,
+        deadline: float | None = None,
+    ) -> SearchResult:
         """Top-k items of ``target`` modality for one query.
 
         Args:
@@ -131,7 +146,7 @@ class QueryPath:
         t0 = time.perf_counter()
         scores, rows = index.search(vector, k)
         timing["search_ms"] = (time.perf_counter() - t0) * 1e3
-        hits = self._hits([(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0], target)
+        hits = self._hits([(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0], target)
         timing["total_ms"] = (time.perf_counter() - started) * 1e3
         return SearchResult(hits, snapshot.id, timing)
 
@@ -141,11 +156,17 @@ class QueryPath:
         hits = []
         for rank, (hit_id, score) in enumerate(scored, start=1):
             row = records.get(hit_id)
-            hits.append(Hit(
-                item_id=hit_id, score=score, modality=target, rank=rank,
-                text=row["text"] if row else "", source=row["source"] if row else "",
-                metadata=json.loads(row["metadata"]) if row else {},
-            ))
+            hits.append(
+                Hit(
+                    item_id=hit_id,
+                    score=score,
+                    modality=target,
+                    rank=rank,
+                    text=row["text"] if row else "",
+                    source=row["source"] if row else "",
+                    metadata=json.loads(row["metadata"]) if row else {},
+                )
+            )
         return hits
 
     def get_items(self, item_ids: list[str], *, metadata_only: bool = False) -> list[ItemRecord]:
@@ -158,8 +179,10 @@ class QueryPath:
         if not item_ids:
             raise InvalidArgument("item_ids is empty: pass at least one item id")
         if len(item_ids) > self.limits.max_items_per_request:
-            raise ResourceExhausted(f"{len(item_ids)} ids in one request, over the limit of "
-                                    f"{self.limits.max_items_per_request}: split the request")
+            raise ResourceExhausted(
+                f"{len(item_ids)} ids in one request, over the limit of "
+                f"{self.limits.max_items_per_request}: split the request"
+            )
         if any(not item_id.strip() for item_id in item_ids):
             raise InvalidArgument("an item id is empty")
         rows = self.catalog.get_items(item_ids)
@@ -169,8 +192,9 @@ class QueryPath:
         out = []
         for item_id in item_ids:
             row = rows[item_id]
-            record = ItemRecord(item_id, row["modality"], row["text"], row["source"], json.loads(row["metadata"]),
-                                row["content_hash"])
+            record = ItemRecord(
+                item_id, row["modality"], row["text"], row["source"], json.loads(row["metadata"]), row["content_hash"]
+            )
             if row["modality"] == IMAGE and not metadata_only:
                 try:
                     record.image = Path(row["source"]).read_bytes()
@@ -178,4 +202,3 @@ class QueryPath:
                     raise NotFound(f"the image file of item {item_id!r} is no longer at {row['source']}") from None
             out.append(record)
         return out
-

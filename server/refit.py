@@ -47,20 +47,20 @@ MODES = ("auto", "query", "full")
 class RefitPolicy:
     """When and how the server refits its head."""
 
-    interval_s: float | None = None      # refit every N seconds (None: not on a timer)
-    after_feedback: int | None = None    # refit after M new feedback events (None: not on a count)
+    interval_s: float | None = None  # refit every N seconds (None: not on a timer)
+    after_feedback: int | None = None  # refit after M new feedback events (None: not on a count)
     mode: str = "auto"
-    max_seconds: float = 600.0           # wall-time cap of the training part of a run
-    tolerance: float = 0.01              # how much worse than live a new head may validate
-    feedback_weight: float = 1.0         # multiplies each event's own weight
+    max_seconds: float = 600.0  # wall-time cap of the training part of a run
+    tolerance: float = 0.01  # how much worse than live a new head may validate
+    feedback_weight: float = 1.0  # multiplies each event's own weight
     hard_negative_weight: float = FitConfig.hard_negative_weight  # an irrelevant item: this many negatives
     keep_snapshots: int = 10
-    full_every: int = 10                 # in auto mode, a full refit after this many query ones
+    full_every: int = 10  # in auto mode, a full refit after this many query ones
     epochs: int = 40
-    batch_size: int = 64                 # small batches: feedback sets are small, steps matter
+    batch_size: int = 64  # small batches: feedback sets are small, steps matter
     patience: int = 10
-    lr: float = FitConfig.lr             # query adapters (zero-initialised, trained from scratch)
-    full_lr: float = 5e-4                # full refits: a lower rate, as they warm-start a trained head
+    lr: float = FitConfig.lr  # query adapters (zero-initialised, trained from scratch)
+    full_lr: float = 5e-4  # full refits: a lower rate, as they warm-start a trained head
     min_pairs: int = FitConfig.min_pairs
     seed: int = FitConfig.seed
 
@@ -141,8 +141,13 @@ class Refitter:
         self.runs.finish(run_id, **outcome)
         metrics.REFITS.labels(outcome["mode"], outcome["state"]).inc()
         metrics.REFIT_SECONDS.observe(time.perf_counter() - started)
-        log.info("refit %s %s in %.1f s (%s)", run_id, outcome["state"], time.perf_counter() - started,
-                 outcome.get("message", ""))
+        log.info(
+            "refit %s %s in %.1f s (%s)",
+            run_id,
+            outcome["state"],
+            time.perf_counter() - started,
+            outcome.get("message", ""),
+        )
 
     def _resolve_mode(self, mode: str, live: Snapshot, vectors: Vectors) -> str:
         """``auto``: full when the corpus changed since ``live`` or after ``full_every``
@@ -166,12 +171,18 @@ class Refitter:
     def _config(self, live: Snapshot, mode: str) -> FitConfig:
         """The live head's kind and width, the policy's training settings."""
         policy = self.policy
-        return FitConfig(kind=live.head.kind if live.head.kind in TRAINABLE_KINDS else "mlp",
-                         hidden=int(live.head.options.get("hidden", FitConfig.hidden)), epochs=policy.epochs,
-                         max_seconds=policy.max_seconds, min_pairs=policy.min_pairs, seed=policy.seed,
-                         batch_size=policy.batch_size, patience=policy.patience,
-                         lr=policy.lr if mode == "query" else policy.full_lr,
-                         hard_negative_weight=policy.hard_negative_weight)
+        return FitConfig(
+            kind=live.head.kind if live.head.kind in TRAINABLE_KINDS else "mlp",
+            hidden=int(live.head.options.get("hidden", FitConfig.hidden)),
+            epochs=policy.epochs,
+            max_seconds=policy.max_seconds,
+            min_pairs=policy.min_pairs,
+            seed=policy.seed,
+            batch_size=policy.batch_size,
+            patience=policy.patience,
+            lr=policy.lr if mode == "query" else policy.full_lr,
+            hard_negative_weight=policy.hard_negative_weight,
+        )
 
     def _set_progress(self, step: str) -> None:
         self.progress = step
@@ -187,29 +198,45 @@ class Refitter:
         mode = self._resolve_mode(mode, live, vectors)
         config = self._config(live, mode)
         warm = live.head.without_query_adapters() if mode == "full" and live.head.kind == config.kind else None
-        result = fit_pipeline(self.engine.catalog, self.engine.store, config, guard=live.head,
-                              tolerance=self.policy.tolerance, query_adapter=mode == "query", warm_start=warm,
-                              feedback_weight=self.policy.feedback_weight, vectors=vectors,
-                              on_step=self._set_progress)
+        result = fit_pipeline(
+            self.engine.catalog,
+            self.engine.store,
+            config,
+            guard=live.head,
+            tolerance=self.policy.tolerance,
+            query_adapter=mode == "query",
+            warm_start=warm,
+            feedback_weight=self.policy.feedback_weight,
+            vectors=vectors,
+            on_step=self._set_progress,
+        )
         after = {**(result.after or {}), "fit": {k: v for k, v in asdict(result.report).items() if k != "curve"}}
-        common = {"mode": mode, "before": result.before, "after": after,
-                  "feedback_events": result.data.feedback_events}
+        common = {"mode": mode, "before": result.before, "after": after, "feedback_events": result.data.feedback_events}
         if not result.decision.accepted:
             return {**common, "state": "rejected", "message": result.decision.message}
         manifest = self._promote(run_id, live, result, after, vectors, reuse_indexes=mode == "query")
         return {**common, "state": "promoted", "snapshot_id": manifest.id, "message": f"promoted {manifest.id}"}
 
-    def _promote(self, run_id: str, live: Snapshot, result: FitResult, after: dict, vectors: Vectors, *,
-                 reuse_indexes: bool) -> Manifest:
+    def _promote(
+        self, run_id: str, live: Snapshot, result: FitResult, after: dict, vectors: Vectors, *, reuse_indexes: bool
+    ) -> Manifest:
         """Write the snapshot (reusing the live indexes for a query refit), move CURRENT,
         swap it in and prune old snapshots."""
         self.progress = "writing snapshot"
         engine = self.engine
-        manifest = write_snapshot(engine.data, engine.catalog, engine.store, result.head, encoder=live.encoder,
-                                  factory=live.manifest.faiss_factory, parent_id=live.id,
-                                  metrics={"refit": {"run_id": run_id, "before": result.before, "after": after}},
-                                  make_current=False, reuse_indexes_from=live.id if reuse_indexes else None,
-                                  vectors=vectors)
+        manifest = write_snapshot(
+            engine.data,
+            engine.catalog,
+            engine.store,
+            result.head,
+            encoder=live.encoder,
+            factory=live.manifest.faiss_factory,
+            parent_id=live.id,
+            metrics={"refit": {"run_id": run_id, "before": result.before, "after": after}},
+            make_current=False,
+            reuse_indexes_from=live.id if reuse_indexes else None,
+            vectors=vectors,
+        )
         engine.data.set_current(manifest.id)
         engine.load_current()
         removed = prune_snapshots(engine.data, self.policy.keep_snapshots)
@@ -238,7 +265,11 @@ class Refitter:
         """Due on the timer (when there is new feedback to learn from) or on the count."""
         last = self.runs.last_started()
         new = self.feedback.count(since=last)
-        if self.policy.interval_s is not None and new and (last is None or time.time() - last >= self.policy.interval_s):
+        if (
+            self.policy.interval_s is not None
+            and new
+            and (last is None or time.time() - last >= self.policy.interval_s)
+        ):
             return True
         return self.policy.after_feedback is not None and new >= self.policy.after_feedback
 

@@ -34,22 +34,45 @@ class RefitRuns:
 
     def start(self, run_id: str, mode: str, parent_id: str | None) -> None:
         with self.catalog.tx() as db:
-            db.execute("INSERT INTO refit_runs (id, mode, state, started_at, parent_id) VALUES (?, ?, 'running', ?, ?)",
-                       (run_id, mode, time.time(), parent_id))
+            db.execute(
+                "INSERT INTO refit_runs (id, mode, state, started_at, parent_id) VALUES (?, ?, 'running', ?, ?)",
+                (run_id, mode, time.time(), parent_id),
+            )
 
-    def finish(self, run_id: str, *, state: str, mode: str, snapshot_id: str | None = None,
-               before: dict | None = None, after: dict | None = None, message: str = "",
-               feedback_events: int = 0) -> None:
+    def finish(
+        self,
+        run_id: str,
+        *,
+        state: str,
+        mode: str,
+        snapshot_id: str | None = None,
+        before: dict | None = None,
+        after: dict | None = None,
+        message: str = "",
+        feedback_events: int = 0,
+    ) -> None:
         with self.catalog.tx() as db:
-            db.execute("UPDATE refit_runs SET state=?, mode=?, finished_at=?, snapshot_id=?, before=?, after=?, "
-                       "message=?, feedback_events=? WHERE id=?",
-                       (state, mode, time.time(), snapshot_id, json.dumps(before or {}), json.dumps(after or {}),
-                        message, feedback_events, run_id))
+            db.execute(
+                "UPDATE refit_runs SET state=?, mode=?, finished_at=?, snapshot_id=?, before=?, after=?, "
+                "message=?, feedback_events=? WHERE id=?",
+                (
+                    state,
+                    mode,
+                    time.time(),
+                    snapshot_id,
+                    json.dumps(before or {}),
+                    json.dumps(after or {}),
+                    message,
+                    feedback_events,
+                    run_id,
+                ),
+            )
 
     def recent(self, limit: int = 10) -> list[sqlite3.Row]:
         """The newest runs first."""
-        return self.catalog.db().execute("SELECT * FROM refit_runs ORDER BY started_at DESC LIMIT ?",
-                                         (limit,)).fetchall()
+        return (
+            self.catalog.db().execute("SELECT * FROM refit_runs ORDER BY started_at DESC LIMIT ?", (limit,)).fetchall()
+        )
 
     def get(self, run_id: str) -> sqlite3.Row | None:
         return self.catalog.db().execute("SELECT * FROM refit_runs WHERE id = ?", (run_id,)).fetchone()
@@ -58,8 +81,11 @@ class RefitRuns:
         """Mark runs left 'running' by a crash as 'interrupted'; returns their ids."""
         with self.catalog.tx() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM refit_runs WHERE state = 'running'")]
-            db.execute("UPDATE refit_runs SET state='interrupted', finished_at=?, "
-                       "message='the server stopped before the run finished' WHERE state='running'", (time.time(),))
+            db.execute(
+                "UPDATE refit_runs SET state='interrupted', finished_at=?, "
+                "message='the server stopped before the run finished' WHERE state='running'",
+                (time.time(),),
+            )
         return ids
 
     def last_started(self) -> float | None:

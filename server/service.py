@@ -23,6 +23,7 @@ from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
 
 from . import metrics
 from .auth import AuthInterceptor, KeyRing
+from .config import ServeConfig
 from .engine import SearchEngine
 from .errors import rpc
 from .refit import Refitter
@@ -34,7 +35,7 @@ _FROM_PROTO: dict[int, str | None] = {pb.MODALITY_UNSPECIFIED: None, pb.MODALITY
 SEARCH_SERVICE = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 # Requests above this are refused by gRPC itself with RESOURCE_EXHAUSTED.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+MAX_MESSAGE_BYTES = ServeConfig.max_message_bytes
 
 
 def modality_from_proto(value: int) -> str | None:
@@ -45,9 +46,15 @@ def modality_from_proto(value: int) -> str | None:
 
 def snapshot_info(manifest: Manifest) -> pb.SnapshotInfo:
     return pb.SnapshotInfo(
-        snapshot_id=manifest.id, created_at=manifest.created_at, encoder=manifest.encoder,
-        head_kind=manifest.head_kind, head_hash=manifest.head_hash, faiss_factory=manifest.faiss_factory,
-        dim=manifest.dim, parent_id=manifest.parent_id or "", metrics_json=json.dumps(manifest.metrics),
+        snapshot_id=manifest.id,
+        created_at=manifest.created_at,
+        encoder=manifest.encoder,
+        head_kind=manifest.head_kind,
+        head_hash=manifest.head_hash,
+        faiss_factory=manifest.faiss_factory,
+        dim=manifest.dim,
+        parent_id=manifest.parent_id or "",
+        metrics_json=json.dumps(manifest.metrics),
     )
 
 
@@ -65,14 +72,27 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     @rpc
     def Search(self, request, context):
-        result = self.engine.search(**_query_kwargs(request.query), target=modality_from_proto(request.target),
-                                    k=request.k, deadline=self._deadline(context))
+        result = self.engine.search(
+            **_query_kwargs(request.query),
+            target=modality_from_proto(request.target),
+            k=request.k,
+            deadline=self._deadline(context),
+        )
         return pb.SearchResponse(
             snapshot_id=result.snapshot_id,
             timing=pb.Timing(**result.timing),
-            hits=[pb.Hit(item_id=h.item_id, score=h.score, modality=_TO_PROTO[h.modality], text=h.text,
-                         source=h.source, metadata_json=json.dumps(h.metadata), rank=h.rank)
-                  for h in result.hits],
+            hits=[
+                pb.Hit(
+                    item_id=h.item_id,
+                    score=h.score,
+                    modality=_TO_PROTO[h.modality],
+                    text=h.text,
+                    source=h.source,
+                    metadata_json=json.dumps(h.metadata),
+                    rank=h.rank,
+                )
+                for h in result.hits
+            ],
         )
 
     def _deadline(self, context) -> float:
@@ -84,23 +104,38 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @rpc
     def GetItems(self, request, context):
         items = self.engine.get_items(list(request.item_ids), metadata_only=request.metadata_only)
-        return pb.GetItemsResponse(items=[
-            pb.Item(item_id=i.item_id, modality=_TO_PROTO[i.modality], text=i.text, image=i.image, source=i.source,
-                    metadata_json=json.dumps(i.metadata), content_hash=i.content_hash)
-            for i in items
-        ])
+        return pb.GetItemsResponse(
+            items=[
+                pb.Item(
+                    item_id=i.item_id,
+                    modality=_TO_PROTO[i.modality],
+                    text=i.text,
+                    image=i.image,
+                    source=i.source,
+                    metadata_json=json.dumps(i.metadata),
+                    content_hash=i.content_hash,
+                )
+                for i in items
+            ]
+        )
 
     @rpc
     def GetStatus(self, request, context):
         status = self.engine.status()
         manifest = status["snapshot"]
         return pb.GetStatusResponse(
-            feedback=self._feedback_counts(), refits=self._recent_runs(),
-            serving=status["serving"], snapshot=snapshot_info(manifest) if manifest else None,
-            version=status["version"], uptime_s=status["uptime_s"], max_k=status["max_k"],
+            feedback=self._feedback_counts(),
+            refits=self._recent_runs(),
+            serving=status["serving"],
+            snapshot=snapshot_info(manifest) if manifest else None,
+            version=status["version"],
+            uptime_s=status["uptime_s"],
+            max_k=status["max_k"],
             data_dir=status["data_dir"],
-            counts=[pb.ModalityCount(modality=_TO_PROTO[m], catalog_items=c["catalog_items"], indexed=c["indexed"])
-                    for m, c in status["counts"].items()],
+            counts=[
+                pb.ModalityCount(modality=_TO_PROTO[m], catalog_items=c["catalog_items"], indexed=c["indexed"])
+                for m, c in status["counts"].items()
+            ],
         )
 
     def _feedback_counts(self) -> pb.FeedbackCounts:
@@ -115,19 +150,32 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         refits = []
         for row in self.refitter.runs.recent(limit=10):
             finished = row["finished_at"] or time.time()
-            refits.append(pb.RefitRun(
-                run_id=row["id"], mode=row["mode"], state=row["state"],
-                started_at=datetime.fromtimestamp(row["started_at"], timezone.utc).isoformat(timespec="seconds"),
-                duration_s=finished - row["started_at"], before_json=row["before"], after_json=row["after"],
-                snapshot_id=row["snapshot_id"] or "", message=row["message"], feedback_events=row["feedback_events"],
-                progress=self.refitter.progress if row["id"] == running else ""))
+            refits.append(
+                pb.RefitRun(
+                    run_id=row["id"],
+                    mode=row["mode"],
+                    state=row["state"],
+                    started_at=datetime.fromtimestamp(row["started_at"], timezone.utc).isoformat(timespec="seconds"),
+                    duration_s=finished - row["started_at"],
+                    before_json=row["before"],
+                    after_json=row["after"],
+                    snapshot_id=row["snapshot_id"] or "",
+                    message=row["message"],
+                    feedback_events=row["feedback_events"],
+                    progress=self.refitter.progress if row["id"] == running else "",
+                )
+            )
         return refits
 
     @rpc
     def SubmitFeedback(self, request, context):
         feedback_id = self.engine.submit_feedback(
-            **_query_kwargs(request.query), relevant=list(request.relevant_ids),
-            irrelevant=list(request.irrelevant_ids), weight=request.weight, source=request.source)
+            **_query_kwargs(request.query),
+            relevant=list(request.relevant_ids),
+            irrelevant=list(request.irrelevant_ids),
+            weight=request.weight,
+            source=request.source,
+        )
         metrics.FEEDBACK.inc()
         return pb.SubmitFeedbackResponse(feedback_id=feedback_id)
 
@@ -185,8 +233,24 @@ class TLSConfig:
                 raise InvalidArgument(f"the TLS {name} file is not PEM (no '-----BEGIN' line): pass a PEM file")
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
-                                           require_client_auth=self.client_ca is not None)
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.client_ca, require_client_auth=self.client_ca is not None
+        )
+
+
+def _check_authentication(host: str, keys: KeyRing | None, allow_unauthenticated: bool) -> None:
+    """Without API keys, serve only loopback unless told otherwise (and then say so loudly)."""
+    if not keys and host not in LOOPBACK:
+        if not allow_unauthenticated:
+            raise InvalidArgument(
+                f"refusing to bind {host} without API keys: configure --api-keys (or "
+                f"XMODAL_API_KEYS), bind 127.0.0.1, or pass --allow-unauthenticated"
+            )
+        log.warning(
+            "serving %s WITHOUT authentication: anyone who can reach it can search, send feedback and refit", host
+        )
+    elif not keys:
+        log.info("no API keys configured: serving without authentication on loopback %s only", host)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -197,8 +261,9 @@ def _check_port_free(host: str, port: int) -> None:
         with socket.create_server((host.strip("[]"), port)):
             pass
     except OSError as exc:
-        raise FailedPrecondition(f"could not bind {host}:{port} ({exc.strerror or exc}): is the port in use? "
-                                 "(--port 0 takes any free port)") from None
+        raise FailedPrecondition(
+            f"could not bind {host}:{port} ({exc.strerror or exc}): is the port in use? (--port 0 takes any free port)"
+        ) from None
 
 
 class Server:
@@ -211,55 +276,81 @@ class Server:
         max_concurrent: RPCs handled at once; more get RESOURCE_EXHAUSTED at once.
     """
 
-    def __init__(self, engine: SearchEngine, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
-                 refitter: Refitter | None = None, keys: KeyRing | None = None, tls: TLSConfig | None = None,
-                 allow_unauthenticated: bool = False, max_concurrent: int | None = 64,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        engine: SearchEngine,
+        *,
+        host: str = ServeConfig.host,
+        port: int = 0,
+        max_workers: int = ServeConfig.rpc_workers,
+        refitter: Refitter | None = None,
+        keys: KeyRing | None = None,
+        tls: TLSConfig | None = None,
+        allow_unauthenticated: bool = False,
+        max_concurrent: int | None = ServeConfig.max_concurrent,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ):
         self.engine = engine
         self.refitter = refitter or Refitter(engine)
-        if not keys and host not in LOOPBACK:
-            if not allow_unauthenticated:
-                raise InvalidArgument(f"refusing to bind {host} without API keys: configure --api-keys (or "
-                                      f"XMODAL_API_KEYS), bind 127.0.0.1, or pass --allow-unauthenticated")
-            log.warning("serving %s WITHOUT authentication: anyone who can reach it can search, send feedback "
-                        "and refit", host)
-        elif not keys:
-            log.info("no API keys configured: serving without authentication on loopback %s only", host)
-        interceptors = [AuthInterceptor(keys)] if keys else []
+        _check_authentication(host, keys, allow_unauthenticated)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="xmodal-rpc"),
-            interceptors=interceptors,
+            interceptors=[AuthInterceptor(keys)] if keys else [],
             maximum_concurrent_rpcs=max_concurrent,
             # so_reuseport off: a second server on a port in use must fail, not share it silently
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.max_send_message_length", max(max_message_bytes, MAX_MESSAGE_BYTES))],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max(max_message_bytes, MAX_MESSAGE_BYTES)),
+            ],
         )
-        pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(engine, self.refitter), self.grpc_server)
-        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine, self.refitter), self.grpc_server)
         self.health = health.HealthServicer()
+        self._add_services()
+        self.host = host
+        self.port = self._bind(host, port, tls)
+        engine.on_swap(self._set_health)
+
+    def _add_services(self) -> None:
+        """Our servicers, the standard health service, and reflection over all of them."""
+        pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(self.engine, self.refitter), self.grpc_server)
+        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.engine, self.refitter), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
-            (SEARCH_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SEARCH_SERVICE,
+                ADMIN_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.grpc_server,
         )
+
+    def _bind(self, host: str, port: int, tls: TLSConfig | None) -> int:
+        """Bind host:port (0: any free port); returns the bound port.
+
+        Raises:
+            FailedPrecondition: the port is in use.
+        """
         address = f"{host}:{port}"
         _check_port_free(host, port)
         try:
-            self.port = (self.grpc_server.add_secure_port(address, tls.credentials()) if tls
-                         else self.grpc_server.add_insecure_port(address))
+            bound = (
+                self.grpc_server.add_secure_port(address, tls.credentials())
+                if tls
+                else self.grpc_server.add_insecure_port(address)
+            )
         except RuntimeError:
-            self.port = 0
-        if self.port == 0:
+            bound = 0
+        if bound == 0:
             raise FailedPrecondition(f"could not bind {address}: is the port in use? (--port 0 takes any free port)")
-        self.host = host
-        engine.on_swap(self._set_health)
+        return bound
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def _set_health(self, snapshot) -> None:
-        for modality, index in (snapshot.indexes.items() if snapshot else ()):
+        for modality, index in snapshot.indexes.items() if snapshot else ():
             metrics.INDEX_SIZE.labels(modality).set(len(index))
         state = health_pb2.HealthCheckResponse.SERVING if snapshot else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SEARCH_SERVICE):

@@ -24,8 +24,10 @@ def pytest_collection_modifyitems(config, items):
     if roco_dir() is not None:
         return
     if os.environ.get("CI") == "true":
-        raise pytest.UsageError(f"CI=true but {ROCO_ENV} does not point at the ROCO corpus (captions.jsonl); "
-                                "set it to ../shared/data/roco-ccby")
+        raise pytest.UsageError(
+            f"CI=true but {ROCO_ENV} does not point at the ROCO corpus (captions.jsonl); "
+            "set it to ../shared/data/roco-ccby"
+        )
     skip = pytest.mark.skip(reason=f"set {ROCO_ENV} to ../shared/data/roco-ccby to run the ROCO tests")
     for item in items:
         if "roco" in item.keywords:

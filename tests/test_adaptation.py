@@ -9,9 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import xmodal_cmd
 from xmodal.indexer.evaluate import pair_metrics
 from xmodal.indexer.snapshot import DataDir, load_current
+
+from conftest import xmodal_cmd
 
 
 def test_index_fits_the_default_mlp_head(indexed):
@@ -29,8 +30,12 @@ def test_too_few_pairs_fall_back_to_identity_with_a_note(world_corpus, encoder, 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     lines = (world_corpus / "captions.jsonl").read_text().splitlines()[:12]
-    (corpus / "captions.jsonl").write_text("\n".join(
-        json.dumps({**json.loads(line), "image": str(world_corpus / json.loads(line)["image"])}) for line in lines) + "\n")
+    (corpus / "captions.jsonl").write_text(
+        "\n".join(
+            json.dumps({**json.loads(line), "image": str(world_corpus / json.loads(line)["image"])}) for line in lines
+        )
+        + "\n"
+    )
     report = index_corpus(corpus, tmp_path / "data", encoder, progress=False)
     assert report.snapshot.head_kind == "identity"
     assert "a mlp head needs 32" in report.summary() and "xmodal fit" in report.summary()
@@ -42,8 +47,12 @@ def test_fit_command_writes_a_new_current_snapshot(indexed, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(indexed, data)
     before = DataDir(data).current_id()
-    done = subprocess.run(xmodal_cmd("fit", "--data", str(data), "--head", "linear", "--epochs", "5", "--no-progress"),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        xmodal_cmd("fit", "--data", str(data), "--head", "linear", "--epochs", "5", "--no-progress"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "linear head:" in done.stdout and "made it current" in done.stdout
     snapshot = load_current(DataDir(data))
@@ -51,15 +60,34 @@ def test_fit_command_writes_a_new_current_snapshot(indexed, tmp_path):
     assert snapshot.manifest.head_kind == "linear"
     # the indexes were rebuilt from the base store through the new head
     assert len(snapshot.indexes["image"]) == 400
-    done = subprocess.run(xmodal_cmd("fit", "--data", str(tmp_path / "empty"), "--no-progress"),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        xmodal_cmd("fit", "--data", str(tmp_path / "empty"), "--no-progress"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "run `xmodal index" in done.stderr
 
 
 def test_eval_command_writes_json_markdown_and_png(indexed, tmp_path):
     out = tmp_path / "eval"
-    done = subprocess.run(xmodal_cmd("eval", "--data", str(indexed), "--kinds", "identity,pca,mlp", "--epochs", "5",
-                                     "--out", str(out), "--no-progress"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        xmodal_cmd(
+            "eval",
+            "--data",
+            str(indexed),
+            "--kinds",
+            "identity,pca,mlp",
+            "--epochs",
+            "5",
+            "--out",
+            str(out),
+            "--no-progress",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "eval.json").read_text())
     assert list(result["results"]) == ["identity", "pca", "mlp"] and result["split"] == "test"
@@ -77,7 +105,13 @@ def test_identical_captions_are_interchangeable_in_metrics():
     text = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float32)
     pairs = [("i1", "t1"), ("i2", "t2"), ("i3", "t3")]
     plain = pair_metrics(["i1", "i2", "i3"], image, ["t1", "t2", "t3"], text, pairs)
-    grouped = pair_metrics(["i1", "i2", "i3"], image, ["t1", "t2", "t3"], text, pairs,
-                           text_groups={"t1": "same", "t2": "same", "t3": "other"})
+    grouped = pair_metrics(
+        ["i1", "i2", "i3"],
+        image,
+        ["t1", "t2", "t3"],
+        text,
+        pairs,
+        text_groups={"t1": "same", "t2": "same", "t3": "other"},
+    )
     assert plain["text_to_image"]["recall@1"] == pytest.approx(1 / 3)
     assert grouped["text_to_image"]["recall@1"] == pytest.approx(1.0)

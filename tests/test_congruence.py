@@ -50,7 +50,7 @@ def test_server_top10_equals_numpy_for_200_random_queries(running, indexed, enco
         got_scores = np.array([h.score for h in result.hits])
         np.testing.assert_allclose(got_scores, scores, atol=1e-4)
         got_ids = [h.item_id for h in result.hits]
-        for position, (got, want) in enumerate(zip(got_ids, ids[order])):
+        for position, (got, want) in enumerate(zip(got_ids, ids[order], strict=True)):
             if got != want:  # only a tie may swap two items
                 assert abs(vectors[list(ids).index(got)] @ query - scores[position]) < 1e-4, (i, position)
         compared += 1

@@ -16,9 +16,12 @@ def write_lines(path, records):
 
 
 def test_captions_jsonl_extra_fields_become_metadata(tmp_path):
-    write_lines(tmp_path / "captions.jsonl", [
-        {"id": "a", "image": "images/a.jpg", "caption": "chest x-ray", "license": "CC BY", "source": "PMC1"},
-    ])
+    write_lines(
+        tmp_path / "captions.jsonl",
+        [
+            {"id": "a", "image": "images/a.jpg", "caption": "chest x-ray", "license": "CC BY", "source": "PMC1"},
+        ],
+    )
     corpus = read_corpus(tmp_path)
     image, text = corpus.items
     assert (image.id, image.modality, text.id, text.modality) == ("a", IMAGE, "a#caption", TEXT)
@@ -35,23 +38,32 @@ def test_captions_csv(tmp_path):
 
 
 def test_manifest_allows_unpaired_items(tmp_path):
-    manifest = write_lines(tmp_path / "items.jsonl", [
-        {"type": "image", "id": "i1", "path": "i1.png", "metadata": {"ward": 3}},
-        {"type": "image", "id": "i2", "path": "i2.png"},
-        {"type": "text", "id": "t1", "text": "report one"},
-        {"type": "text", "id": "t2", "text": "report without image"},
-        {"type": "pair", "image": "i1", "text": "t1", "split": "test"},
-    ])
+    manifest = write_lines(
+        tmp_path / "items.jsonl",
+        [
+            {"type": "image", "id": "i1", "path": "i1.png", "metadata": {"ward": 3}},
+            {"type": "image", "id": "i2", "path": "i2.png"},
+            {"type": "text", "id": "t1", "text": "report one"},
+            {"type": "text", "id": "t2", "text": "report without image"},
+            {"type": "pair", "image": "i1", "text": "t1", "split": "test"},
+        ],
+    )
     corpus = read_corpus(manifest)
     assert sorted(i.id for i in corpus.items) == ["i1", "i2", "t1", "t2"]
     assert [(p.image_id, p.text_id, p.split) for p in corpus.pairs] == [("i1", "t1", "test")]
 
 
-@pytest.mark.parametrize("records, message", [
-    ([{"id": "a", "image": "a.png"}], "missing field"),
-    ([{"id": "a", "image": "a.png", "caption": "x"}, {"id": "a", "image": "b.png", "caption": "y"}], "duplicate id"),
-    ([{"id": "a", "image": "a.png", "caption": "x", "split": "holdout"}], "split must be one of"),
-])
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"id": "a", "image": "a.png"}], "missing field"),
+        (
+            [{"id": "a", "image": "a.png", "caption": "x"}, {"id": "a", "image": "b.png", "caption": "y"}],
+            "duplicate id",
+        ),
+        ([{"id": "a", "image": "a.png", "caption": "x", "split": "holdout"}], "split must be one of"),
+    ],
+)
 def test_bad_captions_name_file_and_line(tmp_path, records, message):
     write_lines(tmp_path / "captions.jsonl", records)
     with pytest.raises(CorpusError, match=message) as info:
@@ -60,8 +72,9 @@ def test_bad_captions_name_file_and_line(tmp_path, records, message):
 
 
 def test_bad_manifest_pair_and_json(tmp_path):
-    manifest = write_lines(tmp_path / "m.jsonl", [{"type": "text", "id": "t", "text": "x"},
-                                                  {"type": "pair", "image": "nope", "text": "t"}])
+    manifest = write_lines(
+        tmp_path / "m.jsonl", [{"type": "text", "id": "t", "text": "x"}, {"type": "pair", "image": "nope", "text": "t"}]
+    )
     with pytest.raises(CorpusError, match="unknown image item 'nope'"):
         read_corpus(manifest)
     manifest.write_text('{"type": "text", "id": "t", "text": "x"}\n{broken\n')

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import xmodal_cmd
 from xmodal import client as xc
 from xmodal.indexer import world
 from xmodal.indexer.catalog import Catalog
-from xmodal.indexer.feedback import FeedbackLog
 from xmodal.indexer.corpus import IMAGE, TEXT
+from xmodal.indexer.feedback import FeedbackLog
 from xmodal.indexer.snapshot import DataDir, Snapshot
 from xmodal.indexer.store import BaseStore
+
+from conftest import xmodal_cmd
 
 pytestmark = pytest.mark.slow
 TRIALS = 20
@@ -57,11 +58,24 @@ def assert_store_consistent(data: Path) -> dict[str, int]:
 def test_indexing_killed_at_random_points(tmp_path):
     corpus = world.write_corpus(tmp_path / "corpus", n=1500, seed=5, style="target", image_size=64)
     data = tmp_path / "data"
-    cmd = xmodal_cmd("index", str(corpus), "--data", str(data), "--model", "xmodal-demo", "--shard-size", "50",
-                     "--batch-size", "50", "--epochs", "3", "--no-progress")
+    cmd = xmodal_cmd(
+        "index",
+        str(corpus),
+        "--data",
+        str(data),
+        "--model",
+        "xmodal-demo",
+        "--shard-size",
+        "50",
+        "--batch-size",
+        "50",
+        "--epochs",
+        "3",
+        "--no-progress",
+    )
     rng = random.Random(2026)
     outcomes = []
-    for trial in range(TRIALS):
+    for _ in range(TRIALS):
         code = kill_after(cmd, rng.uniform(0.5, 6.0), tmp_path / "index.log")
         outcomes.append("finished" if code == 0 else "killed")
         assert code in (None, 0), (tmp_path / "index.log").read_text()[-2000:]
@@ -81,8 +95,11 @@ def test_indexing_killed_at_random_points(tmp_path):
 
 def start_server(data: Path, tmp_path: Path, *extra: str):
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
-    proc = subprocess.Popen(xmodal_cmd("serve", "--data", str(data), "--port", "0", "--port-file", str(port_file),
-                                       *extra), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "a"))
+    proc = subprocess.Popen(
+        xmodal_cmd("serve", "--data", str(data), "--port", "0", "--port-file", str(port_file), *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "a"),
+    )
     deadline = time.monotonic() + 120
     while not port_file.exists():
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
@@ -102,7 +119,7 @@ def test_feedback_under_concurrent_writes_killed_at_random_points(indexed, world
         lock = threading.Lock()
         stop = threading.Event()
 
-        def writer(n: int):
+        def writer(n: int, address=address, stop=stop, trial=trial, lock=lock, acked=acked):
             with xc.SearchClient(address, timeout=10) as client:
                 i = n
                 while not stop.is_set():
@@ -147,8 +164,11 @@ def test_refit_killed_at_random_points(indexed, world_corpus, encoder, tmp_path)
     for trial in range(TRIALS):
         before = DataDir(data).current_id()
         mode = "query" if trial % 2 else "full"
-        code = kill_after(xmodal_cmd("refit", "--data", str(data), "--mode", mode, "--refit-epochs", "60"),
-                          rng.uniform(1.0, 6.0), tmp_path / "refit.log")
+        code = kill_after(
+            xmodal_cmd("refit", "--data", str(data), "--mode", mode, "--refit-epochs", "60"),
+            rng.uniform(1.0, 6.0),
+            tmp_path / "refit.log",
+        )
         after = DataDir(data).current_id()
         snapshot = Snapshot(data / "snapshots" / after)  # never a broken one: it loads and its hash checks
         assert snapshot.id == after

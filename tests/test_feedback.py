@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RunningServer, xmodal_cmd
 from xmodal import client as xc
 from xmodal.indexer import world
 from xmodal.indexer.catalog import Catalog
@@ -24,6 +23,8 @@ from xmodal.indexer.feedback import FeedbackLog
 from xmodal.indexer.snapshot import DataDir
 from xmodal.indexer.vectors import load_vectors
 from xmodal.server.refit import RefitPolicy
+
+from conftest import RunningServer, xmodal_cmd
 
 
 def records(corpus: Path) -> list[dict]:
@@ -65,8 +66,9 @@ def test_feedback_is_durable_and_bad_feedback_is_refused(served, world_corpus):
     data, start = served
     server = start()
     rec = records(world_corpus)
-    feedback_id = server.client.submit_feedback(text=user_caption(rec[0]), relevant=[rec[0]["id"]],
-                                                irrelevant=[rec[1]["id"]], weight=2.0, source="test")
+    feedback_id = server.client.submit_feedback(
+        text=user_caption(rec[0]), relevant=[rec[0]["id"]], irrelevant=[rec[1]["id"]], weight=2.0, source="test"
+    )
     row = [r for r in FeedbackLog(Catalog(data / "catalog.sqlite")).events() if r["id"] == feedback_id][0]
     assert json.loads(row["relevant"]) == [rec[0]["id"]] and row["weight"] == 2.0 and row["query_modality"] == "text"
     stored = np.frombuffer(row["query_embedding"], np.float32)
@@ -95,8 +97,10 @@ def test_the_held_out_slice_is_keyed_on_the_query_not_the_event(served, world_co
     same = [server.client.submit_feedback(text=t, relevant=[rec[5]["id"]]) for t in variants]
     image = (world_corpus / rec[6]["image"]).read_bytes()
     same_image = [server.client.submit_feedback(image=image, relevant=[rec[6]["id"] + "#caption"]) for _ in range(12)]
-    distinct = [server.client.submit_feedback(text=user_caption(r) + f" #{i}", relevant=[r["id"]])
-                for i, r in enumerate(rec[:200])]
+    distinct = [
+        server.client.submit_feedback(text=user_caption(r) + f" #{i}", relevant=[r["id"]])
+        for i, r in enumerate(rec[:200])
+    ]
     split = {r["id"]: r["split"] for r in FeedbackLog(Catalog(data / "catalog.sqlite")).events()}
     assert len({split[i] for i in same}) == 1 and len({split[i] for i in same_image}) == 1
     held_out = sum(split[i] == "val" for i in distinct) / len(distinct)
@@ -108,8 +112,10 @@ def send_user_feedback(server, corpus: Path, n: int, *, shuffled: bool = False, 
     targets = [r["id"] for r in rec]
     if shuffled:
         random.Random(0).shuffle(targets)
-    return [server.client.submit_feedback(text=user_caption(r), relevant=[t], weight=weight, source="sim")
-            for r, t in zip(rec, targets)]
+    return [
+        server.client.submit_feedback(text=user_caption(r), relevant=[t], weight=weight, source="sim")
+        for r, t in zip(rec, targets, strict=True)
+    ]
 
 
 def test_query_refit_reuses_the_index_files(served, world_corpus):
@@ -171,13 +177,15 @@ def test_feedback_pairs_share_keys_with_the_corpus_pairs(served, world_corpus):
     """A confirmed image is the same positive group as that image in the corpus pairs (not
     its own negative when both land in one batch); irrelevant items become hard negatives."""
     from xmodal.indexer.catalog import text_hash
-    from xmodal.indexer.train import item_key, pairs_from_catalog
     from xmodal.indexer.feedback import feedback_pairs
+    from xmodal.indexer.train import item_key, pairs_from_catalog
 
     data, start = served
     server = start()
     rec = records(world_corpus)
-    server.client.submit_feedback(text=rec[0]["caption"], relevant=[rec[0]["id"]], irrelevant=[rec[1]["id"], rec[2]["id"]])
+    server.client.submit_feedback(
+        text=rec[0]["caption"], relevant=[rec[0]["id"]], irrelevant=[rec[1]["id"], rec[2]["id"]]
+    )
     server.client.submit_feedback(item_id=rec[3]["id"], relevant=[rec[3]["id"] + "#caption"])
     engine = server.engine
     vectors = load_vectors(engine.store)
@@ -212,15 +220,16 @@ def test_offline_fit_and_reindexing_keep_what_feedback_taught(served, encoder, w
     queries = encoder.encode_texts([user_caption(r) for r in unseen])
 
     def user_recall(feedback: bool) -> tuple[float, dict]:
-        manifest, _ = fit_snapshot(data, FitConfig(kind="mlp", hidden=256, epochs=60, seed=0), progress=False,
-                                   feedback=feedback)
+        manifest, _ = fit_snapshot(
+            data, FitConfig(kind="mlp", hidden=256, epochs=60, seed=0), progress=False, feedback=feedback
+        )
         head = Snapshot(data / "snapshots" / manifest.id).head
         images = server.engine.store.load("image")
         image_ids, image_base = images.ids, images.array
         gallery = head.project("image", image_base)
         top = np.argsort(-(head.project("text", queries, query=True) @ gallery.T), axis=1)[:, :10]
         scene = {r["id"]: user_caption(r) for r in rec}
-        hits = [any(scene[image_ids[j]] == user_caption(r) for j in row) for r, row in zip(unseen, top)]
+        hits = [any(scene[image_ids[j]] == user_caption(r) for j in row) for r, row in zip(unseen, top, strict=True)]
         return float(np.mean(hits)), manifest.metrics
 
     corpus_only, plain_metrics = user_recall(False)
@@ -337,9 +346,23 @@ def test_kill_9_during_a_refit_keeps_acknowledged_feedback_and_the_previous_snap
 
     def serve():
         port_file = tmp_path / f"port-{time.monotonic_ns()}"
-        proc = subprocess.Popen(xmodal_cmd("serve", "--data", str(data), "--port", "0", "--port-file", str(port_file),
-                                           "--refit-epochs", "400", "--refit-mode", "full"),
-                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "a"))
+        proc = subprocess.Popen(
+            xmodal_cmd(
+                "serve",
+                "--data",
+                str(data),
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--refit-epochs",
+                "400",
+                "--refit-mode",
+                "full",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "serve.log", "a"),
+        )
         deadline = time.monotonic() + 120
         while not port_file.exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
@@ -394,8 +417,12 @@ def test_backup_while_serving_and_a_restored_copy_serves_the_same_results(served
     # promoted or (by the luck of the held-out slice) rejected: either way a run and its
     # snapshot history are there to back up
     assert refit_and_wait(server, "query").state in ("promoted", "rejected")
-    done = subprocess.run(xmodal_cmd("backup", "--data", str(data), "--out", str(tmp_path / "backup")),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        xmodal_cmd("backup", "--data", str(data), "--out", str(tmp_path / "backup")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     restored = tmp_path / "restored"
     shutil.copytree(tmp_path / "backup", restored)  # restore = put the copy in place
@@ -409,6 +436,10 @@ def test_backup_while_serving_and_a_restored_copy_serves_the_same_results(served
             assert ours == theirs
     finally:
         copy.stop()
-    again = subprocess.run(xmodal_cmd("backup", "--data", str(data), "--out", str(tmp_path / "backup")),
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        xmodal_cmd("backup", "--data", str(data), "--out", str(tmp_path / "backup")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 2 and "already exists" in again.stderr

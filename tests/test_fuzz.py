@@ -22,12 +22,17 @@ from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
 
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares width x height RGB (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def rss_mb() -> float:
@@ -94,37 +99,98 @@ def hostile_requests(world_corpus, item_id: str):
         ("get no credentials", "GetItems", pb.GetItemsRequest(item_ids=[item_id]), None),
         ("status wrong key", "GetStatus", pb.GetStatusRequest(), "wrong"),
         ("status no credentials", "GetStatus", pb.GetStatusRequest(), None),
-        ("feedback nan weight", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], weight=float("nan")), f),
-        ("feedback inf weight", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], weight=float("inf")), f),
-        ("feedback negative weight", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], weight=-1), f),
-        ("feedback huge weight", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], weight=1e30), f),
+        (
+            "feedback nan weight",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], weight=float("nan")),
+            f,
+        ),
+        (
+            "feedback inf weight",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], weight=float("inf")),
+            f,
+        ),
+        (
+            "feedback negative weight",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], weight=-1),
+            f,
+        ),
+        (
+            "feedback huge weight",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], weight=1e30),
+            f,
+        ),
         ("feedback no relevant", "SubmitFeedback", pb.SubmitFeedbackRequest(query=q(text="red")), f),
-        ("feedback unknown relevant", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=["ghost"]), f),
-        ("feedback empty relevant id", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[""]), f),
-        ("feedback unknown irrelevant", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], irrelevant_ids=["ghost"]), f),
-        ("feedback too many ids", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id] * 300), f),
+        (
+            "feedback unknown relevant",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=["ghost"]),
+            f,
+        ),
+        (
+            "feedback empty relevant id",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[""]),
+            f,
+        ),
+        (
+            "feedback unknown irrelevant",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], irrelevant_ids=["ghost"]),
+            f,
+        ),
+        (
+            "feedback too many ids",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id] * 300),
+            f,
+        ),
         ("feedback no query", "SubmitFeedback", pb.SubmitFeedbackRequest(relevant_ids=[item_id]), f),
-        ("feedback empty text", "SubmitFeedback", pb.SubmitFeedbackRequest(query=q(text=""), relevant_ids=[item_id]), f),
-        ("feedback bad image", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(image=b"\x00" * 100), relevant_ids=[item_id]), f),
-        ("feedback bomb image", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(image=png_declaring(30000, 30000)), relevant_ids=[item_id]), f),
-        ("feedback unknown query item", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(item_id="ghost"), relevant_ids=[item_id]), f),
-        ("feedback long source", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], source="s" * 1000), f),
-        ("feedback by search role", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id]), s),
-        ("feedback no credentials", "SubmitFeedback",
-         pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id]), None),
+        (
+            "feedback empty text",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text=""), relevant_ids=[item_id]),
+            f,
+        ),
+        (
+            "feedback bad image",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(image=b"\x00" * 100), relevant_ids=[item_id]),
+            f,
+        ),
+        (
+            "feedback bomb image",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(image=png_declaring(30000, 30000)), relevant_ids=[item_id]),
+            f,
+        ),
+        (
+            "feedback unknown query item",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(item_id="ghost"), relevant_ids=[item_id]),
+            f,
+        ),
+        (
+            "feedback long source",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id], source="s" * 1000),
+            f,
+        ),
+        (
+            "feedback by search role",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id]),
+            s,
+        ),
+        (
+            "feedback no credentials",
+            "SubmitFeedback",
+            pb.SubmitFeedbackRequest(query=q(text="red"), relevant_ids=[item_id]),
+            None,
+        ),
         ("refit bad mode", "Refit", pb.RefitRequest(mode="everything"), a),
         ("refit by search role", "Refit", pb.RefitRequest(mode="query"), s),
         ("refit by feedback role", "Refit", pb.RefitRequest(mode="query"), f),
@@ -142,9 +208,15 @@ def hostile_requests(world_corpus, item_id: str):
     return cases
 
 
-SERVICE = {"Search": "SearchService", "GetItems": "SearchService", "GetStatus": "SearchService",
-           "SubmitFeedback": "SearchService", "Refit": "AdminService", "ListSnapshots": "AdminService",
-           "Rollback": "AdminService"}
+SERVICE = {
+    "Search": "SearchService",
+    "GetItems": "SearchService",
+    "GetStatus": "SearchService",
+    "SubmitFeedback": "SearchService",
+    "Refit": "AdminService",
+    "ListSnapshots": "AdminService",
+    "Rollback": "AdminService",
+}
 
 
 def test_hostile_requests_get_clear_errors_and_the_server_survives(target, world_corpus):
@@ -179,8 +251,11 @@ def test_hostile_requests_get_clear_errors_and_the_server_survives(target, world
 
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    ok = stubs["SearchService"].Search(pb.SearchRequest(query=pb.Query(text="a red ring"), k=3), timeout=30,
-                                       metadata=(("authorization", f"Bearer {search_only}"),))
+    ok = stubs["SearchService"].Search(
+        pb.SearchRequest(query=pb.Query(text="a red ring"), k=3),
+        timeout=30,
+        metadata=(("authorization", f"Bearer {search_only}"),),
+    )
     assert len(ok.hits) == 3
     grown = rss_mb() - start_rss
     assert grown < 100, f"memory grew by {grown:.0f} MB"

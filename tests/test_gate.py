@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_heads import DIM, shifted_pairs
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.gate import CORPUS, FEEDBACK, Gate
 from xmodal.indexer.heads import Head
 from xmodal.indexer.train import FitConfig, FitReport, PairSet, fit_head, validation_recall
 from xmodal.indexer.vectors import ModalityVectors
+
+from test_heads import DIM, shifted_pairs
 
 NO_VECTORS = {IMAGE: ModalityVectors.empty(DIM), TEXT: ModalityVectors.empty(DIM)}
 

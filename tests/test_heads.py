@@ -120,15 +120,23 @@ def test_hard_negatives_push_the_marked_wrong_answers_down():
     wrong answers, a head ranks held-out texts' true images above their decoys by a wider
     margin than the same fit without them."""
     train, val = shifted_pairs(2000, seed=1), shifted_pairs(300, seed=2)
-    marked = PairSet(train.image, train.text, train.image_keys, train.text_keys, hard=with_decoys(train, 3),
-                     hard_rows=np.arange(len(train)), hard_is_image=np.ones(len(train), bool))
+    marked = PairSet(
+        train.image,
+        train.text,
+        train.image_keys,
+        train.text_keys,
+        hard=with_decoys(train, 3),
+        hard_rows=np.arange(len(train)),
+        hard_is_image=np.ones(len(train), bool),
+    )
     val_decoys = with_decoys(val, 5)
     margins = {}
     for name, pairs in (("plain", train), ("hard", marked)):
         head, _ = fit_head(pairs, val, FitConfig(kind="mlp", epochs=25, hidden=128, seed=0))
         query = head.project(TEXT, val.text, query=True)
-        margins[name] = ((query * head.project(IMAGE, val.image)).sum(1)
-                         - (query * head.project(IMAGE, val_decoys)).sum(1))
+        margins[name] = (query * head.project(IMAGE, val.image)).sum(1) - (query * head.project(IMAGE, val_decoys)).sum(
+            1
+        )
     assert margins["hard"].mean() > margins["plain"].mean() + 0.08, {k: v.mean() for k, v in margins.items()}
     assert (margins["hard"] > 0).mean() >= 0.98  # seeded: margin 0.11 -> 0.33, 95.7 % -> 100 % above
 
@@ -138,16 +146,30 @@ def test_hard_negatives_follow_their_rows_and_leave_the_plain_loss_alone():
 
     pairs = shifted_pairs(6, seed=0)
     hard = with_decoys(pairs, 0)[[1, 4]]
-    marked = PairSet(pairs.image, pairs.text, pairs.image_keys, pairs.text_keys, hard=hard,
-                     hard_rows=np.array([1, 4]), hard_is_image=np.array([True, False]))
+    marked = PairSet(
+        pairs.image,
+        pairs.text,
+        pairs.image_keys,
+        pairs.text_keys,
+        hard=hard,
+        hard_rows=np.array([1, 4]),
+        hard_is_image=np.array([True, False]),
+    )
     picked = marked.subset(np.array([4, 0, 2]))
     assert picked.hard_rows.tolist() == [0] and picked.hard_is_image.tolist() == [False]
     np.testing.assert_array_equal(picked.hard[0], hard[1])
     both = PairSet.concat([pairs, marked])
     assert both.hard_rows.tolist() == [7, 10] and len(both) == 12
     with pytest.raises(InvalidArgument, match="does not exist"):
-        PairSet(pairs.image, pairs.text, pairs.image_keys, pairs.text_keys, hard=hard,
-                hard_rows=np.array([1, 6]), hard_is_image=np.array([True, True]))
+        PairSet(
+            pairs.image,
+            pairs.text,
+            pairs.image_keys,
+            pairs.text_keys,
+            hard=hard,
+            hard_rows=np.array([1, 6]),
+            hard_is_image=np.array([True, True]),
+        )
     image, text = torch.from_numpy(pairs.image), torch.from_numpy(pairs.text)
     loss, eye = InfoNCELoss(0.07, learn_temperature=False), torch.eye(6, dtype=torch.bool)
     empty = (torch.zeros(0, DIM), torch.zeros(0, dtype=torch.int64))

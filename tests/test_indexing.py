@@ -112,9 +112,11 @@ def test_clean_spares_a_snapshot_another_process_is_writing(tmp_path):
     live_dir.mkdir()
     dead_dir.mkdir()
     (data.snapshots / ".tmp-dead.lock").write_text("")  # its writer died: nobody holds it
-    code = ("import fcntl, sys, time\n"
-            f"h = open({str(data.snapshots / '.tmp-live.lock')!r}, 'w')\n"
-            "fcntl.flock(h, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n")
+    code = (
+        "import fcntl, sys, time\n"
+        f"h = open({str(data.snapshots / '.tmp-live.lock')!r}, 'w')\n"
+        "fcntl.flock(h, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n"
+    )
     import subprocess
     import sys
 

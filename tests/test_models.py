@@ -54,12 +54,15 @@ def test_pickle_checkpoint_with_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("model, pretrained, message", [
-    ("ViT-Q-99", None, "unknown open_clip model 'ViT-Q-99'"),
-    ("ViT-B-32", "not_a_tag", "known tags: .*laion2b_s34b_b79k"),
-    ("ViT-B-32", "/no/such/checkpoint.safetensors", "does not exist"),
-    ("local-dir:/no/such/folder", None, "not an open_clip local-dir model"),
-])
+@pytest.mark.parametrize(
+    "model, pretrained, message",
+    [
+        ("ViT-Q-99", None, "unknown open_clip model 'ViT-Q-99'"),
+        ("ViT-B-32", "not_a_tag", "known tags: .*laion2b_s34b_b79k"),
+        ("ViT-B-32", "/no/such/checkpoint.safetensors", "does not exist"),
+        ("local-dir:/no/such/folder", None, "not an open_clip local-dir model"),
+    ],
+)
 def test_bad_model_choices_name_the_fix(model, pretrained, message):
     with pytest.raises(ModelUnavailable, match=message) as info:
         resolve_model(model, pretrained)
@@ -71,9 +74,11 @@ def test_default_pretrained_model_fails_offline_with_alternatives():
     """The real default (ViT-B-32 / laion2b_s34b_b79k) goes through open_clip's download
     path; offline that fails, and the error names what works without a download."""
     assert resolve_model().identity == "ViT-B-32@laion2b_s34b_b79k"
-    code = ("from xmodal.indexer.encoder import load_encoder\n"
-            "from xmodal.indexer.errors import ModelUnavailable\n"
-            "try:\n    load_encoder()\nexcept ModelUnavailable as e:\n    print('ERR', e)\n")
+    code = (
+        "from xmodal.indexer.encoder import load_encoder\n"
+        "from xmodal.indexer.errors import ModelUnavailable\n"
+        "try:\n    load_encoder()\nexcept ModelUnavailable as e:\n    print('ERR', e)\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
     assert out.startswith("ERR could not download the weights of ViT-B-32 / laion2b_s34b_b79k")

@@ -11,20 +11,32 @@ import time
 
 import pytest
 
-from conftest import roco_dir, xmodal_cmd
 from xmodal.client import SearchClient
 from xmodal.indexer.catalog import Catalog
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.snapshot import DataDir, load_current
 from xmodal.indexer.store import BaseStore
 
+from conftest import roco_dir, xmodal_cmd
+
 pytestmark = [pytest.mark.roco, pytest.mark.slow]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def index_cmd(data):
-    return xmodal_cmd("index", str(roco_dir()), "--data", str(data), "--model", "xmodal-demo",
-                      "--shard-size", "100", "--batch-size", "50", "--no-progress")
+    return xmodal_cmd(
+        "index",
+        str(roco_dir()),
+        "--data",
+        str(data),
+        "--model",
+        "xmodal-demo",
+        "--shard-size",
+        "100",
+        "--batch-size",
+        "50",
+        "--no-progress",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +87,12 @@ def test_indexing_again_adds_nothing(roco_data):
 def test_serve_subprocess_answers_searches(roco_data, tmp_path):
     port_file = tmp_path / "port"
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(xmodal_cmd("serve", "--data", str(roco_data), "--port", "0", "--port-file", str(port_file)),
-                            env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        xmodal_cmd("serve", "--data", str(roco_data), "--port", "0", "--port-file", str(port_file)),
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while not port_file.exists() and time.monotonic() < deadline and proc.poll() is None:

@@ -101,42 +101,60 @@ def test_non_loopback_without_keys_is_refused(engine):
 
 def make_certs(folder):
     """A CA, a server certificate for 127.0.0.1/localhost, and a client certificate."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     def key_pem(key):
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xmodal test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
 
     def leaf(name, san):
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                   .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1)))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+        )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return builder.sign(ca_key, hashes.SHA256()), key
 
-    server_cert, server_key = leaf("localhost", [x509.DNSName("localhost"),
-                                                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server_cert, server_key = leaf(
+        "localhost", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
     client_cert, client_key = leaf("xmodal client", None)
     files = {}
-    for name, data in (("ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
-                       ("server.pem", server_cert.public_bytes(serialization.Encoding.PEM)),
-                       ("server.key", key_pem(server_key)),
-                       ("client.pem", client_cert.public_bytes(serialization.Encoding.PEM)),
-                       ("client.key", key_pem(client_key))):
+    for name, data in (
+        ("ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
+        ("server.pem", server_cert.public_bytes(serialization.Encoding.PEM)),
+        ("server.key", key_pem(server_key)),
+        ("client.pem", client_cert.public_bytes(serialization.Encoding.PEM)),
+        ("client.key", key_pem(client_key)),
+    ):
         (folder / name).write_bytes(data)
         files[name] = folder / name
     return files
@@ -162,8 +180,9 @@ def test_mutual_tls_requires_a_client_certificate(engine, tmp_path):
     certs = make_certs(tmp_path)
     server = Server(engine, port=0, tls=TLSConfig(certs["server.pem"], certs["server.key"], certs["ca.pem"])).start()
     try:
-        with xc.SearchClient(server.address, ca_cert=certs["ca.pem"], client_cert=certs["client.pem"],
-                             client_key=certs["client.key"]) as client:
+        with xc.SearchClient(
+            server.address, ca_cert=certs["ca.pem"], client_cert=certs["client.pem"], client_key=certs["client.key"]
+        ) as client:
             assert client.status().serving
         with xc.SearchClient(server.address, ca_cert=certs["ca.pem"], timeout=5) as client:
             with pytest.raises(xc.Unavailable):

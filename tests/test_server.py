@@ -9,10 +9,11 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import RunningServer
 from xmodal import client as xc
 from xmodal.v1 import xmodal_pb2 as pb
 from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
+
+from conftest import RunningServer
 
 
 def corpus_records(corpus: Path) -> list[dict]:
@@ -66,7 +67,10 @@ def test_get_items_returns_content(running, world_corpus):
 def test_status_health_and_reflection(running):
     status = running.client.status()
     assert status.serving and status.snapshot_id == running.engine.snapshot.id and status.head_kind == "mlp"
-    assert status.counts == {"image": {"catalog_items": 400, "indexed": 400}, "text": {"catalog_items": 400, "indexed": 400}}
+    assert status.counts == {
+        "image": {"catalog_items": 400, "indexed": 400},
+        "text": {"catalog_items": 400, "indexed": 400},
+    }
     assert status.encoder.startswith("xmodal-demo@") and {"zero_shot", "adapted", "fit"} <= set(status.metrics)
     assert running.client.health() == "SERVING" and running.client.health("xmodal.v1.SearchService") == "SERVING"
     with grpc.insecure_channel(running.server.address) as channel:
@@ -85,16 +89,36 @@ def raw_search(address: str, request) -> grpc.RpcError:
 
 BAD_REQUESTS = [
     ("empty text", pb.SearchRequest(query=pb.Query(text="  "), k=5), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-    ("not an image", pb.SearchRequest(query=pb.Query(image=b"GIF89a-but-not-really"), k=5),
-     grpc.StatusCode.INVALID_ARGUMENT, "image"),
-    ("unknown item", pb.SearchRequest(query=pb.Query(item_id="no-such-item"), k=5), grpc.StatusCode.NOT_FOUND,
-     "no-such-item"),
-    ("k = 0", pb.SearchRequest(query=pb.Query(text="a red circle"), k=0), grpc.StatusCode.INVALID_ARGUMENT,
-     "k must be between 1 and 1000"),
-    ("k above the limit", pb.SearchRequest(query=pb.Query(text="a red circle"), k=1001),
-     grpc.StatusCode.INVALID_ARGUMENT, "k must be between 1 and 1000"),
-    ("unknown target", pb.SearchRequest(query=pb.Query(text="a red circle"), target=7, k=5),
-     grpc.StatusCode.INVALID_ARGUMENT, "unknown modality 7"),
+    (
+        "not an image",
+        pb.SearchRequest(query=pb.Query(image=b"GIF89a-but-not-really"), k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "image",
+    ),
+    (
+        "unknown item",
+        pb.SearchRequest(query=pb.Query(item_id="no-such-item"), k=5),
+        grpc.StatusCode.NOT_FOUND,
+        "no-such-item",
+    ),
+    (
+        "k = 0",
+        pb.SearchRequest(query=pb.Query(text="a red circle"), k=0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "k must be between 1 and 1000",
+    ),
+    (
+        "k above the limit",
+        pb.SearchRequest(query=pb.Query(text="a red circle"), k=1001),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "k must be between 1 and 1000",
+    ),
+    (
+        "unknown target",
+        pb.SearchRequest(query=pb.Query(text="a red circle"), target=7, k=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown modality 7",
+    ),
     ("no query", pb.SearchRequest(k=5), grpc.StatusCode.INVALID_ARGUMENT, "query is empty"),
 ]
 
@@ -118,8 +142,9 @@ def test_client_maps_status_codes_to_its_own_errors(running):
 
 
 def test_size_limits_give_resource_exhausted(indexed, encoder):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     server = RunningServer(indexed, encoder, max_image_bytes=1000, max_pixels=10_000, max_text_chars=50)
     try:
