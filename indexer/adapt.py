@@ -32,7 +32,7 @@ from .manifest import Manifest
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot, write_snapshot
 from .store import BaseStore
 from .train import FitConfig, FitReport, PairSet, fit_head, fit_query_adapter, pairs_from_catalog
-from .vectors import Vectors, load_vectors
+from .vectors import Vectors, base_dim, load_vectors
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def fit_pipeline(
     step = on_step or (lambda _: None)
     step("loading base vectors")
     vectors = vectors or load_vectors(store)
-    if not len(vectors[IMAGE]) or not len(vectors[TEXT]):
+    if not base_dim(vectors):
         raise FailedPrecondition("the data directory has no embedded images or texts: run `xmodal index` first")
     data = load_training_data(
         catalog,
@@ -215,7 +215,7 @@ def fit_from_catalog(
     )
     head = result.head
     metrics = {
-        "zero_shot": held_out_metrics(catalog, vectors, Head("identity", vectors[IMAGE].dim)),
+        "zero_shot": held_out_metrics(catalog, vectors, Head("identity", base_dim(vectors))),
         "fit": result.report.to_dict(),
         "feedback_pairs": result.data.feedback_pairs,
     }

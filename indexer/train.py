@@ -28,7 +28,7 @@ from .evaluate import retrieval_metrics
 from .heads import DEFAULT_HEAD, HEAD_KINDS, TRAINABLE_KINDS, Head, PCAProjection
 from .losses import InfoNCELoss, pairwise_label_loss, supcon_loss
 from .store import BaseStore
-from .vectors import Vectors, load_vectors
+from .vectors import Vectors, base_dim, load_vectors
 
 MIN_PAIRS = 32
 
@@ -270,7 +270,7 @@ def fit_head(
     """
     started = time.perf_counter()
     seed_everything(config.seed)
-    dim_in = int(train.image.shape[1]) if len(train) else 0
+    dim_in = int(train.image.shape[1])  # an empty pair set still has the base dimension
     report = FitReport(kind=config.kind, pairs=len(train))
     options = {"hidden": config.hidden} if config.kind in ("mlp", "shared") else {}
     if config.kind == "identity":
@@ -521,7 +521,7 @@ def pairs_from_catalog(
     images, texts = vectors[IMAGE], vectors[TEXT]
     pairs = [(i, t) for i, t in catalog.pairs(split) if i in images.rows and t in texts.rows]
     if not pairs:
-        empty = np.zeros((0, images.dim), np.float32)
+        empty = np.zeros((0, base_dim(vectors)), np.float32)
         return PairSet(empty, empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
     info = catalog.get_items([t for _, t in pairs] + [i for i, _ in pairs])
     image_keys = [item_key("image", image_id) for image_id, _ in pairs]

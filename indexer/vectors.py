@@ -56,8 +56,14 @@ def load_vectors(store: BaseStore) -> Vectors:
     return {modality: store.load(modality) for modality in MODALITIES}
 
 
+def base_dim(vectors: Vectors) -> int:
+    """The base embedding size (0 while nothing is embedded): a corpus of texts alone, or
+    of images alone, still has one."""
+    return max(v.dim for v in vectors.values())
+
+
 def other_modality(modality: str) -> str:
     return TEXT if modality == IMAGE else IMAGE
 
 
-__all__ = ["ModalityVectors", "Vectors", "load_vectors", "other_modality"]
+__all__ = ["ModalityVectors", "Vectors", "base_dim", "load_vectors", "other_modality"]
