@@ -31,6 +31,8 @@ import torch
 
 from .errors import ModelUnavailable
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 DEMO_MODEL = "xmodal-demo"
@@ -209,7 +211,7 @@ def load_encoder(
     """
     spec = resolve_model(model, pretrained)
     if allow_pickle and spec.pretrained and not spec.pretrained.endswith(".safetensors"):
-        logging.getLogger("xmodal").warning("loading %s with full unpickling (--allow-pickle)", spec.pretrained)
+        log.warning("loading %s with full unpickling (--allow-pickle)", spec.pretrained)
     if threads:
         torch.set_num_threads(threads)
     if spec.model == DEMO_MODEL:

@@ -25,7 +25,7 @@ from .catalog import Catalog
 from .corpus import IMAGE, TEXT
 from .errors import InvalidArgument
 from .evaluate import retrieval_metrics
-from .heads import DEFAULT_HEAD, HEAD_KINDS, TRAINABLE_KINDS, Head, PCAProjection
+from .heads import DEFAULT_HEAD, DEFAULT_HIDDEN, HEAD_KINDS, TRAINABLE_KINDS, Head, PCAProjection
 from .losses import InfoNCELoss, pairwise_label_loss, supcon_loss
 from .store import BaseStore
 from .vectors import Vectors, base_dim, load_vectors
@@ -39,7 +39,7 @@ class FitConfig:
 
     kind: str = DEFAULT_HEAD
     dim_out: int | None = None
-    hidden: int = 512
+    hidden: int = DEFAULT_HIDDEN
     epochs: int = 200
     batch_size: int = 256
     lr: float = 2e-3

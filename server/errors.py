@@ -12,7 +12,7 @@ from xmodal.indexer.errors import XmodalError
 
 from . import metrics
 
-log = logging.getLogger("xmodal.server")
+log = logging.getLogger(__name__)
 
 
 def status_code(error: XmodalError) -> grpc.StatusCode:
