@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS items (
     shard INTEGER,            -- base/<modality>/shard-<n>.npy holding its base vector
     row INTEGER,              -- row in that shard
     error TEXT,               -- why it could not be embedded (undecodable image)
-    added_at REAL NOT NULL
+    added_at REAL NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,  -- when its base vector was written (catalog-wide order)
+    blob TEXT                 -- image bytes sent over gRPC: their file under the data directory
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (modality, shard);
 CREATE TABLE IF NOT EXISTS pairs (
@@ -76,6 +78,7 @@ class Catalog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self.db()
         db.executescript(_SCHEMA)  # idempotent; executescript commits on its own
+        _add_missing_columns(db)
         db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # -- connections -------------------------------------------------------------
@@ -180,8 +183,9 @@ class Catalog:
 
     def set_embedded(self, shard: int, ids: Sequence[str]) -> None:
         with self.tx() as db:
+            seq = next_seq(db)
             db.executemany(
-                "UPDATE items SET shard = ?, row = ? WHERE id = ?",
+                f"UPDATE items SET shard = ?, row = ?, seq = {seq} WHERE id = ?",
                 [(shard, row, item_id) for row, item_id in enumerate(ids)],
             )
 
@@ -197,13 +201,15 @@ class Catalog:
             )
         ]
 
-    def embedded(self, modality: str) -> list[tuple[str, int, int]]:
-        """(id, shard, row) of every embedded item of a modality, in index order."""
+    def embedded(self, modality: str, after_seq: int = -1) -> list[tuple[str, int, int, int]]:
+        """(id, shard, row, seq) of every embedded item of a modality (written after
+        ``after_seq``), in index order."""
         return [
-            (r[0], r[1], r[2])
+            (r[0], r[1], r[2], r[3])
             for r in self.db().execute(
-                "SELECT id, shard, row FROM items WHERE modality = ? AND shard IS NOT NULL ORDER BY shard, row",
-                (modality,),
+                "SELECT id, shard, row, seq FROM items WHERE modality = ? AND shard IS NOT NULL AND seq > ? "
+                "ORDER BY shard, row",
+                (modality, after_seq),
             )
         ]
 
@@ -248,7 +254,9 @@ class Catalog:
 
     def get_items(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
         """Rows for the given ids (missing ids are simply absent)."""
-        return {row["id"]: row for row in self._rows_by_id("id, modality, text, source, metadata, content_hash", ids)}
+        return {
+            row["id"]: row for row in self._rows_by_id("id, modality, text, source, metadata, content_hash, blob", ids)
+        }
 
     # -- snapshots --------------------------------------------------------------------
     def record_snapshot(self, manifest: Manifest) -> None:
@@ -261,6 +269,22 @@ class Catalog:
     def item_rows(self, ids: Sequence[str]) -> dict[str, tuple[str, int | None, int | None]]:
         """id -> (modality, shard, row) for the given ids that exist."""
         return {r[0]: (r[1], r[2], r[3]) for r in self._rows_by_id("id, modality, shard, row", ids)}
+
+
+def next_seq(db: sqlite3.Connection) -> int:
+    """The next value of the catalog-wide write sequence (inside a write transaction): items
+    embedded later have a larger ``seq``, so a snapshot knows which items it predates."""
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0')")
+    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'seq'")
+    return int(db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Catalogs made before the live corpus lack items.seq and items.blob."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+    for name, declaration in (("seq", "INTEGER NOT NULL DEFAULT 0"), ("blob", "TEXT")):
+        if name not in columns:
+            db.execute(f"ALTER TABLE items ADD COLUMN {name} {declaration}")
 
 
 class _Transaction:

@@ -33,6 +33,9 @@ class Manifest:
     parent_id: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     indexes_from: str | None = None  # the snapshot whose index files were reused (query refits)
+    # The catalog write sequence its indexes hold: items written later (upserts) are served
+    # from a delta beside it. None in snapshots made before the live corpus.
+    catalog_seq: int | None = None
     created_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = MANIFEST_SCHEMA
 

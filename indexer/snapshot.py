@@ -183,9 +183,12 @@ def write_snapshot(
         tmp.mkdir()
         head_hash = head.save(tmp)
         if reuse_indexes_from is not None:
-            factory, counts = _link_indexes(data.snapshots / reuse_indexes_from, tmp)
+            parent = _link_indexes(data.snapshots / reuse_indexes_from, tmp)
+            factory, counts, seq = parent.faiss_factory, dict(parent.counts), parent.catalog_seq
         else:
-            counts = _build_indexes(tmp, head, vectors or load_vectors(store), factory)
+            vectors = vectors or load_vectors(store)
+            counts = _build_indexes(tmp, head, vectors, factory)
+            seq = max(v.max_seq for v in vectors.values())
         manifest = Manifest(
             id=snapshot_id,
             parent_id=parent_id,
@@ -197,6 +200,7 @@ def write_snapshot(
             counts=counts,
             metrics=metrics or {},
             indexes_from=reuse_indexes_from,
+            catalog_seq=seq,
         )
         manifest.write(tmp)
         fsync_dir(tmp)
@@ -211,13 +215,13 @@ def write_snapshot(
     return manifest
 
 
-def _link_indexes(source: Path, tmp: Path) -> tuple[str, dict[str, int]]:
-    """Hard-link a snapshot's index files (immutable: a link is a free copy)."""
+def _link_indexes(source: Path, tmp: Path) -> Manifest:
+    """Hard-link a snapshot's index files (immutable: a link is a free copy); returns its manifest."""
     parent = Manifest.read(source)
     for modality in MODALITIES:
         for name in (f"{modality}.faiss", f"{modality}.ids.npy"):
             os.link(source / name, tmp / name)
-    return parent.faiss_factory, dict(parent.counts)
+    return parent
 
 
 def _build_indexes(tmp: Path, head: Head, vectors: Vectors, factory: str) -> dict[str, int]:
@@ -263,10 +267,15 @@ class ModalityIndex:
         row = self.rows.get(item_id)
         return None if row is None else np.asarray(self.index.reconstruct(row))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, rows) for a batch of queries; rows are -1 past the end."""
+    def search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, rows) for a batch of queries; rows are -1 past the end.
+
+        Args:
+            params: faiss SearchParameters (an IDSelector of the rows to consider), per call.
+        """
         xq = np.ascontiguousarray(queries, dtype=np.float32)
-        return self.index.search(xq, min(k, max(1, self.index.ntotal)))
+        k = min(k, max(1, self.index.ntotal))
+        return self.index.search(xq, k) if params is None else self.index.search(xq, k, params=params)
 
 
 class Snapshot:

@@ -68,12 +68,18 @@ class BaseStore:
         """Write one new shard and record its rows in the catalog; returns its number."""
         if len(ids) != len(vectors):
             raise InvalidArgument(f"{len(ids)} ids for {len(vectors)} vectors: pass one id per vector row")
+        shard = self.write_shard(modality, vectors)
+        self.catalog.set_embedded(shard, ids)
+        return shard
+
+    def write_shard(self, modality: str, vectors: np.ndarray) -> int:
+        """Write one new shard file (not yet referenced by the catalog: debris until a
+        catalog transaction points rows at it); returns its number."""
         folder = self.folder(modality)
         folder.mkdir(parents=True, exist_ok=True)
         numbers = self._shard_numbers(modality)
         shard = (max(numbers) + 1) if numbers else 0
         atomic_save_npy(self.shard_path(modality, shard), np.asarray(vectors, dtype=np.float16))
-        self.catalog.set_embedded(shard, ids)
         return shard
 
     def vector(self, modality: str, shard: int, row: int) -> np.ndarray:
@@ -82,17 +88,21 @@ class BaseStore:
             np.load(self.shard_path(modality, shard), mmap_mode="r", allow_pickle=False)[row], dtype=np.float32
         )
 
-    def load(self, modality: str) -> ModalityVectors:
-        """All embedded items of a modality: ids and float32 base vectors (N x dim)."""
-        rows = self.catalog.embedded(modality)
+    def load(self, modality: str, after_seq: int = -1) -> ModalityVectors:
+        """All embedded items of a modality (written after ``after_seq``): ids and float32
+        base vectors (N x dim)."""
+        return self.load_rows(modality, self.catalog.embedded(modality, after_seq))
+
+    def load_rows(self, modality: str, rows: list[tuple[str, int, int, int]]) -> ModalityVectors:
+        """The base vectors of catalog rows (id, shard, row, seq)."""
         if not rows:
             return ModalityVectors.empty()
         shards: dict[int, np.ndarray] = {}
-        for _, shard, _ in rows:
+        for _, shard, _, _ in rows:
             if shard not in shards:
                 shards[shard] = np.load(self.shard_path(modality, shard), mmap_mode="r", allow_pickle=False)
         dim = next(iter(shards.values())).shape[1]
         out = np.empty((len(rows), dim), np.float32)
-        for i, (_, shard, row) in enumerate(rows):
+        for i, (_, shard, row, _) in enumerate(rows):
             out[i] = shards[shard][row]
-        return ModalityVectors([r[0] for r in rows], out)
+        return ModalityVectors([r[0] for r in rows], out, max_seq=max(r[3] for r in rows))

@@ -26,6 +26,7 @@ class ModalityVectors:
 
     ids: list[str]
     array: np.ndarray
+    max_seq: int = 0  # the catalog write sequence of the newest of these vectors
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.array):

@@ -9,6 +9,7 @@ Roles, each including the ones before it:
 
 - ``search``: Search, GetItems, GetStatus
 - ``feedback``: + SubmitFeedback
+- ``index``: + IndexService (UpsertItems, DeleteItems: the live corpus)
 - ``admin``: + AdminService (Refit, ListSnapshots, Rollback)
 
 Health checks and server reflection stay open.
@@ -31,12 +32,13 @@ from xmodal.indexer.errors import InvalidArgument
 
 from . import metrics
 
-ROLES = ("search", "feedback", "admin")
+ROLES = ("search", "feedback", "index", "admin")
 ENV_KEYS = "XMODAL_API_KEYS"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _SEARCH = {"/xmodal.v1.SearchService/Search", "/xmodal.v1.SearchService/GetItems", "/xmodal.v1.SearchService/GetStatus"}
 _FEEDBACK = _SEARCH | {"/xmodal.v1.SearchService/SubmitFeedback"}
-ALLOWED = {"search": _SEARCH, "feedback": _FEEDBACK, "admin": None}  # None: everything
+_INDEX = _FEEDBACK | {"/xmodal.v1.IndexService/UpsertItems", "/xmodal.v1.IndexService/DeleteItems"}
+ALLOWED = {"search": _SEARCH, "feedback": _FEEDBACK, "index": _INDEX, "admin": None}  # None: everything
 KEY_FILE_LAYOUT = '{"keys": [{"name": ..., "role": ..., "sha256": ...}]}'
 
 

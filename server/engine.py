@@ -2,9 +2,10 @@
 
 It composes one small class per job over one data directory:
 
-- :class:`~.live.LiveView`: the live snapshot's lifecycle (load, watch, swap);
-- :class:`~.query.QueryPath`: the read path (encode, search, hits, item lookup);
-- :class:`~.intake.FeedbackIntake`: writes from clients (feedback events).
+- :class:`~.live.LiveView`: the live state's lifecycle (load, watch, swap; deltas, hidden ids);
+- :class:`~.query.QueryPath`: the read path (encode, search, merge, hits, item lookup);
+- :class:`~.intake.FeedbackIntake`: feedback events from clients;
+- :class:`~.corpus.CorpusWrites`: the live corpus (UpsertItems, DeleteItems).
 
 The servicers use those parts; the few methods here are the shortcuts the CLI, the
 benchmarks and the tests call.
@@ -22,6 +23,7 @@ from xmodal.indexer.snapshot import DataDir, Snapshot
 from xmodal.indexer.store import BaseStore
 
 from .config import version
+from .corpus import CorpusWrites
 from .intake import FeedbackIntake
 from .limits import Limits
 from .live import LiveView
@@ -39,9 +41,10 @@ class SearchEngine:
         self.catalog = Catalog(self.data.catalog_path)
         self.store = BaseStore(self.data.base, self.catalog)
         self.started = time.time()
-        self.view = LiveView(self.data, encoder)
+        self.view = LiveView(self.data, encoder, self.catalog, self.store)
         self.queries = QueryPath(self.view, encoder, self.catalog, self.limits)
         self.intake = FeedbackIntake(self.catalog, self.store, self.queries, self.limits)
+        self.corpus = CorpusWrites(self.data, self.catalog, self.store, encoder, self.view, self.limits)
         # shortcuts to the parts' main calls
         self.search = self.queries.search
         self.get_items = self.queries.get_items
@@ -61,15 +64,13 @@ class SearchEngine:
         self.view.close()
 
     def status(self) -> dict:
-        snapshot = self.view.snapshot
+        state = self.view.peek()
+        snapshot = state.snapshot if state else None
         counts = self.catalog.count_items()
         return {
             "serving": snapshot is not None,
             "snapshot": snapshot.manifest if snapshot else None,
-            "counts": {
-                m: {"catalog_items": counts[m], "indexed": len(snapshot.indexes[m]) if snapshot else 0}
-                for m in MODALITIES
-            },
+            "counts": {m: {"catalog_items": counts[m], "indexed": state.count(m) if state else 0} for m in MODALITIES},
             "version": version(),
             "uptime_s": time.time() - self.started,
             "max_k": self.limits.max_k,

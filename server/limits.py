@@ -18,6 +18,7 @@ class Limits:
     max_text_chars: int = 10_000
     max_items_per_request: int = 100
     max_feedback_ids: int = 100
+    max_upsert_items: int = 256  # items per UpsertItems call, ids per DeleteItems call
     deadline_s: int = 30  # server-side cap on one search or feedback call
 
     def __post_init__(self) -> None:

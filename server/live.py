@@ -1,8 +1,13 @@
-"""The live view's lifecycle: load the snapshot CURRENT names, watch it, swap it in.
+"""The live view's lifecycle: load the snapshot CURRENT names, watch it, swap it in; and
+the live corpus beside it.
 
-A search reads :attr:`LiveView.snapshot` once and uses only that snapshot, so swapping in
-a new one (a refit, a rollback, a re-index noticed by the watcher) never mixes two
-snapshots in one answer and never makes a search wait.
+A search reads :meth:`LiveView.state` once and uses only that :class:`LiveState`: a
+snapshot, a delta per modality (items written after the snapshot was built: upserts,
+projected with its head, in a flat index) and the ids the snapshot must not return
+(deleted, or replaced by a newer vector in a delta; passed to FAISS as an IDSelector).
+Every change swaps one reference, so a search never mixes two states and never waits.
+The deltas are rebuilt from the catalog and the base store when a snapshot is loaded
+(after a restart, a refit or a rollback): what is durable is the catalog, not the delta.
 """
 
 from __future__ import annotations
@@ -10,22 +15,114 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import faiss
+import numpy as np
+
+from xmodal.indexer.catalog import Catalog
+from xmodal.indexer.corpus import MODALITIES
 from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.errors import FailedPrecondition
 from xmodal.indexer.snapshot import DataDir, Snapshot
+from xmodal.indexer.store import BaseStore
 
 log = logging.getLogger(__name__)
+
+
+class DeltaIndex:
+    """One modality's items written after the snapshot (upserts), projected with its head,
+    in a flat inner-product index."""
+
+    def __init__(self, ids: list[str], vectors: np.ndarray):
+        self.ids = list(ids)
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.rows = {item_id: row for row, item_id in enumerate(self.ids)}
+        self.index = faiss.IndexFlatIP(self.vectors.shape[1])
+        if len(self.ids):
+            self.index.add(self.vectors)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def replaced(self, ids: list[str], vectors: np.ndarray | None) -> DeltaIndex:
+        """A new delta without ``ids``, plus ``vectors`` for them when given (upserts)."""
+        gone = set(ids)
+        keep = [row for row, item_id in enumerate(self.ids) if item_id not in gone]
+        new_ids = [self.ids[r] for r in keep]
+        new_vectors = self.vectors[keep]
+        if vectors is not None and len(ids):
+            new_ids += list(ids)
+            new_vectors = np.concatenate([new_vectors, np.asarray(vectors, np.float32)])
+        return DeltaIndex(new_ids, new_vectors)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not len(self.ids):
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(self.ids)))
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """What one search reads: a snapshot, the deltas beside it, and the ids it must not
+    return from the snapshot (deleted, or replaced by a newer vector in a delta)."""
+
+    snapshot: Snapshot
+    deltas: dict[str, DeltaIndex]
+    hidden: frozenset[str]
+    selectors: dict[str, Excluding | None] = field(default_factory=dict)  # per modality; None: skip nothing
+
+    @classmethod
+    def build(cls, snapshot: Snapshot, deltas: dict[str, DeltaIndex], hidden: frozenset[str]) -> LiveState:
+        selectors = {}
+        for modality, index in snapshot.indexes.items():
+            rows = np.asarray(sorted(index.rows[i] for i in hidden if i in index.rows), np.int64)
+            selectors[modality] = Excluding.rows(rows) if len(rows) else None
+        return cls(snapshot, deltas, hidden, selectors)
+
+    def find(self, item_id: str) -> tuple[str, np.ndarray] | None:
+        """(modality, adapted vector) of a live item, or None."""
+        for modality, delta in self.deltas.items():
+            row = delta.rows.get(item_id)
+            if row is not None:
+                return modality, delta.vectors[row]
+        if item_id in self.hidden:
+            return None
+        return self.snapshot.find(item_id)
+
+    def count(self, modality: str) -> int:
+        index = self.snapshot.indexes[modality]
+        hidden = sum(1 for i in self.hidden if i in index.rows)
+        return len(index) - hidden + len(self.deltas[modality])
+
+
+@dataclass(frozen=True)
+class Excluding:
+    """FAISS search parameters whose IDSelector skips some rows of an index."""
+
+    params: Any
+    owners: tuple  # faiss keeps raw pointers: these keep the rows and selectors alive
+
+    @classmethod
+    def rows(cls, rows: np.ndarray) -> Excluding:
+        batch = faiss.IDSelectorBatch(rows)
+        selector = faiss.IDSelectorNot(batch)
+        params = faiss.SearchParameters()
+        params.sel = selector
+        return cls(params, (rows, batch, selector))
 
 
 class LiveView:
     """The snapshot one server answers from, swapped by one reference assignment."""
 
-    def __init__(self, data: DataDir, encoder: Encoder):
+    def __init__(self, data: DataDir, encoder: Encoder, catalog: Catalog, store: BaseStore):
         self.data = data
         self.encoder = encoder
-        self._snapshot: Snapshot | None = None
+        self.catalog = catalog
+        self.store = store
+        self._state: LiveState | None = None
         self._swap_lock = threading.Lock()
         self._listeners: list[Callable[[Snapshot | None], None]] = []
         self._watcher: threading.Thread | None = None
@@ -33,7 +130,8 @@ class LiveView:
 
     @property
     def snapshot(self) -> Snapshot | None:
-        return self._snapshot
+        state = self._state
+        return state.snapshot if state is not None else None
 
     def live(self) -> Snapshot:
         """The live snapshot.
@@ -41,18 +139,30 @@ class LiveView:
         Raises:
             FailedPrecondition: none is loaded yet.
         """
-        snapshot = self._snapshot
-        if snapshot is None:
+        return self.state().snapshot
+
+    def peek(self) -> LiveState | None:
+        """The live state, or None while no snapshot is loaded."""
+        return self._state
+
+    def state(self) -> LiveState:
+        """The live state (read it once per search).
+
+        Raises:
+            FailedPrecondition: no snapshot is loaded yet.
+        """
+        state = self._state
+        if state is None:
             raise FailedPrecondition(
                 "no snapshot is loaded: index a corpus into the server's data directory "
                 "(`xmodal index CORPUS --data DIR`); the server picks it up without a restart"
             )
-        return snapshot
+        return state
 
     def on_swap(self, listener: Callable[[Snapshot | None], None]) -> None:
         """Call ``listener(snapshot)`` after every swap (health status, metrics)."""
         self._listeners.append(listener)
-        listener(self._snapshot)
+        listener(self.snapshot)
 
     def clean_debris(self) -> list[Path]:
         """Remove temporary files of interrupted snapshot writes; log what was removed."""
@@ -68,7 +178,8 @@ class LiveView:
             FailedPrecondition: the snapshot was built with another encoder.
         """
         wanted = self.data.current_id()
-        if wanted is None or (self._snapshot is not None and self._snapshot.id == wanted):
+        current = self.snapshot
+        if wanted is None or (current is not None and current.id == wanted):
             return False
         return self.load_snapshot(wanted)
 
@@ -79,10 +190,11 @@ class LiveView:
             NotFound: no such snapshot. FailedPrecondition: built with another encoder.
         """
         with self._swap_lock:
-            if self._snapshot is not None and self._snapshot.id == snapshot_id:
+            current = self.snapshot
+            if current is not None and current.id == snapshot_id:
                 return False
             snapshot = self.open_snapshot(snapshot_id)
-            self._snapshot = snapshot  # the swap: one reference assignment
+            self._state = self._catch_up(snapshot)  # the swap: one reference assignment
             log.info("live snapshot is now %s (%s head, %s)", snapshot.id, snapshot.head.kind, snapshot.manifest.counts)
         for listener in self._listeners:
             listener(snapshot)
@@ -106,6 +218,60 @@ class LiveView:
                 f"vectors, the encoder makes {self.encoder.dim}-d"
             )
         return snapshot
+
+    def _catch_up(self, snapshot: Snapshot) -> LiveState:
+        """The state of ``snapshot`` with the catalog as it is now: items written after it
+        in deltas, deleted ones hidden."""
+        from .corpus import tombstoned  # the corpus writes own the tombstones table
+
+        deltas = {}
+        replaced: set[str] = set()
+        for modality in MODALITIES:
+            index = snapshot.indexes[modality]
+            after = snapshot.manifest.catalog_seq
+            rows = self.catalog.embedded(modality, after if after is not None else -1)
+            if snapshot.manifest.catalog_seq is None:  # made before the live corpus: what it lacks
+                rows = [r for r in rows if r[0] not in index.rows]
+            base = self.store.load_rows(modality, rows)
+            projected = (
+                snapshot.head.project(modality, base.array)
+                if len(base)
+                else np.zeros((0, snapshot.head.dim_out), np.float32)
+            )
+            deltas[modality] = DeltaIndex(base.ids, projected)
+            replaced.update(i for i in base.ids if i in index.rows)
+        return LiveState.build(snapshot, deltas, frozenset(replaced | tombstoned(self.catalog)))
+
+    def apply_upsert(self, written: dict[str, tuple[list[str], np.ndarray]]) -> None:
+        """Serve newly written items (base vectors by modality) from the deltas."""
+        with self._swap_lock:
+            state = self.state()
+            deltas = dict(state.deltas)
+            hidden = set(state.hidden) - {i for ids, _ in written.values() for i in ids}
+            for modality, (ids, base) in written.items():
+                if not ids:
+                    continue
+                projected = state.snapshot.head.project(modality, base)
+                deltas[modality] = deltas[modality].replaced(ids, projected)
+                other = [m for m in deltas if m != modality]
+                for m in other:  # an id that changed modality leaves the other delta
+                    deltas[m] = deltas[m].replaced(ids, None)
+                hidden |= {
+                    i
+                    for i in ids
+                    if i in state.snapshot.indexes[modality].rows
+                    or any(i in state.snapshot.indexes[m].rows for m in other)
+                }
+            self._state = LiveState.build(state.snapshot, deltas, frozenset(hidden))
+
+    def apply_delete(self, item_ids: list[str]) -> None:
+        """Stop serving deleted items, from the deltas and from the snapshot."""
+        if not item_ids:
+            return
+        with self._swap_lock:
+            state = self.state()
+            deltas = {m: d.replaced(item_ids, None) for m, d in state.deltas.items()}
+            self._state = LiveState.build(state.snapshot, deltas, state.hidden | frozenset(item_ids))
 
     def watch(self, interval: float = 2.0) -> None:
         """Poll CURRENT in a background thread and swap when it changes."""

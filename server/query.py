@@ -14,10 +14,9 @@ from xmodal.indexer.corpus import IMAGE, MODALITIES, TEXT
 from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from xmodal.indexer.images import decode_image
-from xmodal.indexer.snapshot import Snapshot
 
 from .limits import Limits
-from .live import LiveView
+from .live import LiveState, LiveView
 
 
 @dataclass
@@ -59,7 +58,7 @@ class QueryPath:
         self.limits = limits
 
     def query_vector(
-        self, snapshot: Snapshot, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None
+        self, state: LiveState, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None
     ) -> tuple[str, np.ndarray, dict]:
         """The adapted query vector (1, dim), its modality and the time spent per stage."""
         given = [name for name, value in (("text", text), ("image", image), ("item_id", item_id)) if value is not None]
@@ -71,15 +70,15 @@ class QueryPath:
         if item_id is not None:
             if not item_id.strip():
                 raise InvalidArgument("item_id is empty: pass the id of an indexed item")
-            found = snapshot.find(item_id)
+            found = state.find(item_id)
             if found is None:
-                raise NotFound(f"no indexed item with id {item_id!r} in snapshot {snapshot.id}")
+                raise NotFound(f"no indexed item with id {item_id!r} in snapshot {state.snapshot.id}")
             modality, vector = found
             return modality, vector.reshape(1, -1), timing
         t0 = time.perf_counter()
         modality, base = self.encode_query(text=text, image=image)
         t1 = time.perf_counter()
-        vector = snapshot.head.project(modality, base, query=True)
+        vector = state.snapshot.head.project(modality, base, query=True)
         t2 = time.perf_counter()
         timing["encode_ms"] = (t1 - t0) * 1e3
         timing["head_ms"] = (t2 - t1) * 1e3
@@ -137,18 +136,30 @@ class QueryPath:
             raise InvalidArgument(f"k must be between 1 and {self.limits.max_k}, got {k}")
         if target is not None and target not in MODALITIES:
             raise InvalidArgument(f"target modality must be image or text, got {target!r}")
-        snapshot = self.view.live()  # read the reference once: this query sees one snapshot only
+        state = self.view.state()  # read the reference once: this query sees one state only
         self.check_deadline(deadline, "queueing")
-        modality, vector, timing = self.query_vector(snapshot, text=text, image=image, item_id=item_id)
+        modality, vector, timing = self.query_vector(state, text=text, image=image, item_id=item_id)
         self.check_deadline(deadline, "encoding")
         target = target or (TEXT if modality == IMAGE else IMAGE)
-        index = snapshot.indexes[target]
         t0 = time.perf_counter()
-        scores, rows = index.search(vector, k)
+        scored = self._top_k(state, target, vector, k)
         timing["search_ms"] = (time.perf_counter() - t0) * 1e3
-        hits = self._hits([(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0], target)
+        hits = self._hits(scored, target)
         timing["total_ms"] = (time.perf_counter() - started) * 1e3
-        return SearchResult(hits, snapshot.id, timing)
+        return SearchResult(hits, state.snapshot.id, timing)
+
+    @staticmethod
+    def _top_k(state: LiveState, target: str, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The snapshot's index (without hidden rows) and the delta, merged by score."""
+        index, delta = state.snapshot.indexes[target], state.deltas[target]
+        excluding = state.selectors[target]
+        scores, rows = index.search(vector, k, params=excluding.params if excluding else None)
+        scored = [(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
+        if len(delta):
+            d_scores, d_rows = delta.search(vector, k)
+            scored += [(delta.ids[r], float(s)) for r, s in zip(d_rows[0], d_scores[0], strict=True) if r >= 0]
+            scored.sort(key=lambda hit: -hit[1])
+        return scored[:k]
 
     def _hits(self, scored: list[tuple[str, float]], target: str) -> list[Hit]:
         """Ranked hits with their catalog rows (text, source, metadata)."""
@@ -196,8 +207,9 @@ class QueryPath:
                 item_id, row["modality"], row["text"], row["source"], json.loads(row["metadata"]), row["content_hash"]
             )
             if row["modality"] == IMAGE and not metadata_only:
+                path = self.view.data.root / row["blob"] if row["blob"] else Path(row["source"])
                 try:
-                    record.image = Path(row["source"]).read_bytes()
+                    record.image = path.read_bytes()
                 except OSError:
                     raise NotFound(f"the image file of item {item_id!r} is no longer at {row['source']}") from None
             out.append(record)

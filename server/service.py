@@ -24,6 +24,7 @@ from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
 from . import metrics
 from .auth import AuthInterceptor, KeyRing
 from .config import ServeConfig
+from .corpus import NewItem, parse_metadata
 from .engine import SearchEngine
 from .errors import rpc
 from .refit import Refitter
@@ -34,6 +35,7 @@ _TO_PROTO = {IMAGE: pb.MODALITY_IMAGE, TEXT: pb.MODALITY_TEXT}
 _FROM_PROTO: dict[int, str | None] = {pb.MODALITY_UNSPECIFIED: None, pb.MODALITY_IMAGE: IMAGE, pb.MODALITY_TEXT: TEXT}
 SEARCH_SERVICE = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
+INDEX_SERVICE = pb.DESCRIPTOR.services_by_name["IndexService"].full_name
 # Requests above this are refused by gRPC itself with RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = ServeConfig.max_message_bytes
 
@@ -180,6 +182,36 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         return pb.SubmitFeedbackResponse(feedback_id=feedback_id)
 
 
+class IndexServicer(pb_grpc.IndexServiceServicer):
+    """The live corpus: thin over :class:`~.corpus.CorpusWrites`."""
+
+    def __init__(self, engine: SearchEngine):
+        self.engine = engine
+
+    @rpc
+    def UpsertItems(self, request, context):
+        items = [_new_item(item) for item in request.items]
+        counts = self.engine.corpus.upsert(items)
+        return pb.UpsertItemsResponse(**counts)
+
+    @rpc
+    def DeleteItems(self, request, context):
+        deleted, unknown = self.engine.corpus.delete(list(request.item_ids), purge=request.purge)
+        return pb.DeleteItemsResponse(deleted_ids=deleted, unknown_ids=unknown)
+
+
+def _new_item(item) -> NewItem:
+    content = item.WhichOneof("content")
+    return NewItem(
+        item_id=item.item_id,
+        text=item.text if content == "text" else None,
+        image=item.image if content == "image" else None,
+        metadata=parse_metadata(item.item_id, item.metadata_json),
+        pair_id=item.pair_id,
+        source=item.source,
+    )
+
+
 class AdminServicer(pb_grpc.AdminServiceServicer):
     def __init__(self, engine: SearchEngine, refitter: Refitter):
         self.engine = engine
@@ -314,10 +346,12 @@ class Server:
         """Our servicers, the standard health service, and reflection over all of them."""
         pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(self.engine, self.refitter), self.grpc_server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.engine, self.refitter), self.grpc_server)
+        pb_grpc.add_IndexServiceServicer_to_server(IndexServicer(self.engine), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (
                 SEARCH_SERVICE,
+                INDEX_SERVICE,
                 ADMIN_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,

@@ -58,6 +58,7 @@ LIMIT_FLAGS: tuple[FieldFlag, ...] = (  # Limits' fields
     ("--max-text-chars", "max_text_chars", "longest query text (default %(default)s characters)"),
     ("--max-items", "max_items_per_request", "ids per GetItems call (default %(default)s)"),
     ("--max-feedback-ids", "max_feedback_ids", "item ids per feedback event (default %(default)s)"),
+    ("--max-upsert-items", "max_upsert_items", "items per UpsertItems, ids per DeleteItems (default %(default)s)"),
     (
         "--deadline",
         "deadline_s",

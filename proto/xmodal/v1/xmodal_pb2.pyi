@@ -255,3 +255,53 @@ class RollbackResponse(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     snapshot: SnapshotInfo
     def __init__(self, snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ...) -> None: ...
+
+class NewItem(_message.Message):
+    __slots__ = ("item_id", "text", "image", "metadata_json", "pair_id", "source")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    text: str
+    image: bytes
+    metadata_json: str
+    pair_id: str
+    source: str
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata_json: _Optional[str] = ..., pair_id: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class UpsertItemsRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[NewItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[NewItem, _Mapping]]] = ...) -> None: ...
+
+class UpsertItemsResponse(_message.Message):
+    __slots__ = ("added", "changed", "unchanged", "pairs_added")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_ADDED_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    changed: int
+    unchanged: int
+    pairs_added: int
+    def __init__(self, added: _Optional[int] = ..., changed: _Optional[int] = ..., unchanged: _Optional[int] = ..., pairs_added: _Optional[int] = ...) -> None: ...
+
+class DeleteItemsRequest(_message.Message):
+    __slots__ = ("item_ids", "purge")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    PURGE_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    purge: bool
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., purge: _Optional[bool] = ...) -> None: ...
+
+class DeleteItemsResponse(_message.Message):
+    __slots__ = ("deleted_ids", "unknown_ids")
+    DELETED_IDS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_IDS_FIELD_NUMBER: _ClassVar[int]
+    deleted_ids: _containers.RepeatedScalarFieldContainer[str]
+    unknown_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted_ids: _Optional[_Iterable[str]] = ..., unknown_ids: _Optional[_Iterable[str]] = ...) -> None: ...

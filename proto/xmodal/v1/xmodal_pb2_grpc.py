@@ -230,6 +230,127 @@ class SearchService:
             _registered_method=True)
 
 
+class IndexServiceStub:
+    """The live corpus: items added, replaced and deleted while the server serves; each change
+    is durable and searchable when the call returns. Needs the `index` or `admin` role.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UpsertItems = channel.unary_unary(
+                '/xmodal.v1.IndexService/UpsertItems',
+                request_serializer=xmodal_dot_v1_dot_xmodal__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.UpsertItemsResponse.FromString,
+                _registered_method=True)
+        self.DeleteItems = channel.unary_unary(
+                '/xmodal.v1.IndexService/DeleteItems',
+                request_serializer=xmodal_dot_v1_dot_xmodal__pb2.DeleteItemsRequest.SerializeToString,
+                response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.DeleteItemsResponse.FromString,
+                _registered_method=True)
+
+
+class IndexServiceServicer:
+    """The live corpus: items added, replaced and deleted while the server serves; each change
+    is durable and searchable when the call returns. Needs the `index` or `admin` role.
+    """
+
+    def UpsertItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IndexServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=xmodal_dot_v1_dot_xmodal__pb2.UpsertItemsResponse.SerializeToString,
+            ),
+            'DeleteItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItems,
+                    request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.DeleteItemsRequest.FromString,
+                    response_serializer=xmodal_dot_v1_dot_xmodal__pb2.DeleteItemsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'xmodal.v1.IndexService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('xmodal.v1.IndexService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class IndexService:
+    """The live corpus: items added, replaced and deleted while the server serves; each change
+    is durable and searchable when the call returns. Needs the `index` or `admin` role.
+    """
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xmodal.v1.IndexService/UpsertItems',
+            xmodal_dot_v1_dot_xmodal__pb2.UpsertItemsRequest.SerializeToString,
+            xmodal_dot_v1_dot_xmodal__pb2.UpsertItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xmodal.v1.IndexService/DeleteItems',
+            xmodal_dot_v1_dot_xmodal__pb2.DeleteItemsRequest.SerializeToString,
+            xmodal_dot_v1_dot_xmodal__pb2.DeleteItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AdminServiceStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -1,0 +1,312 @@
+"""Corpus writes on a running server: UpsertItems and DeleteItems.
+
+A batch is checked whole, encoded, then applied in one catalog transaction (after its base
+shard and image files are on disk), so it is applied whole or not at all and is durable
+when the call returns. The live view then serves the new items from a delta beside the
+snapshot and hides deleted or replaced ones with an IDSelector (see :mod:`.live`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from xmodal.indexer.catalog import Catalog, next_seq, split_for, text_hash
+from xmodal.indexer.corpus import IMAGE, TEXT
+from xmodal.indexer.encoder import Encoder
+from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, XmodalError
+from xmodal.indexer.heads import fsync_dir
+from xmodal.indexer.images import decode_image
+from xmodal.indexer.snapshot import DataDir
+from xmodal.indexer.store import BaseStore
+
+from .limits import Limits
+from .live import LiveView
+
+log = logging.getLogger(__name__)
+MAX_ID_CHARS = 512
+
+TOMBSTONES = """
+CREATE TABLE IF NOT EXISTS tombstones (
+    id TEXT PRIMARY KEY,       -- a deleted item: hidden from every snapshot that still holds it
+    seq INTEGER NOT NULL,
+    deleted_at REAL NOT NULL
+);
+"""
+
+
+def tombstoned(catalog: Catalog) -> set[str]:
+    catalog.ensure_schema(TOMBSTONES)
+    return {r[0] for r in catalog.db().execute("SELECT id FROM tombstones")}
+
+
+@dataclass
+class NewItem:
+    """One item of an upsert batch, as the servicer hands it over."""
+
+    item_id: str
+    text: str | None = None
+    image: bytes | None = None
+    metadata: dict = field(default_factory=dict)
+    pair_id: str = ""
+    source: str = ""
+
+    @property
+    def modality(self) -> str:
+        return IMAGE if self.image is not None else TEXT
+
+    @property
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.image).hexdigest() if self.image is not None else text_hash(self.text or "")
+
+
+def parse_metadata(item_id: str, value: str) -> dict:
+    """metadata_json of an item: empty, or a JSON object."""
+    if not value.strip():
+        return {}
+    try:
+        metadata = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"item {item_id!r}: metadata_json is not JSON ({exc.msg})") from None
+    if not isinstance(metadata, dict):
+        raise InvalidArgument(f"item {item_id!r}: metadata_json must be a JSON object, got {type(metadata).__name__}")
+    return metadata
+
+
+def check_item_id(item_id: str, where: str = "item id") -> None:
+    if not item_id.strip():
+        raise InvalidArgument(f"{where} is empty: every item needs an id")
+    if len(item_id) > MAX_ID_CHARS:
+        raise InvalidArgument(f"{where} {item_id[:40]!r}... is {len(item_id)} characters, over {MAX_ID_CHARS}")
+    if any(unicodedata.category(c) == "Cc" for c in item_id):
+        raise InvalidArgument(f"{where} {item_id!r} holds control characters: use printable ids")
+
+
+class CorpusWrites:
+    """Upserts and deletes for one server, one batch at a time."""
+
+    def __init__(
+        self, data: DataDir, catalog: Catalog, store: BaseStore, encoder: Encoder, view: LiveView, limits: Limits
+    ):
+        self.data, self.catalog, self.store, self.encoder = data, catalog, store, encoder
+        self.view, self.limits = view, limits
+        self._lock = threading.Lock()
+        catalog.ensure_schema(TOMBSTONES)
+
+    # -- upserts ---------------------------------------------------------------------------
+    def upsert(self, items: list[NewItem]) -> dict[str, int]:
+        """Add or replace items; returns counts (added, changed, unchanged, pairs_added).
+
+        Raises:
+            InvalidArgument, ResourceExhausted: naming the offending item; nothing applied.
+            FailedPrecondition: no snapshot is loaded yet.
+        """
+        self.view.live()
+        self._check_batch(items)
+        with self._lock:
+            known = self.catalog.get_items([i.item_id for i in items] + [i.pair_id for i in items if i.pair_id])
+            self._check_pairs(items, known)
+            fresh = [i for i in items if i.item_id not in known or known[i.item_id]["content_hash"] != i.content_hash]
+            vectors = self._encode(fresh)
+            counts = self._apply(items, fresh, vectors, known)
+        log.info("upserted %d item(s): %s", len(items), counts)
+        return counts
+
+    def _check_batch(self, items: list[NewItem]) -> None:
+        if not items:
+            raise InvalidArgument("items is empty: send at least one item")
+        if len(items) > self.limits.max_upsert_items:
+            raise ResourceExhausted(
+                f"{len(items)} items in one call, over the limit of "
+                f"{self.limits.max_upsert_items}: send smaller batches"
+            )
+        seen: set[str] = set()
+        for item in items:
+            check_item_id(item.item_id)
+            if item.item_id in seen:
+                raise InvalidArgument(f"item {item.item_id!r} appears twice in the batch")
+            seen.add(item.item_id)
+            self._check_content(item)
+
+    def _check_content(self, item: NewItem) -> None:
+        if (item.text is None) == (item.image is None):
+            raise InvalidArgument(f"item {item.item_id!r} needs exactly one of text or image")
+        if item.text is not None:
+            if not item.text.strip():
+                raise InvalidArgument(f"item {item.item_id!r}: text is empty")
+            if len(item.text) > self.limits.max_text_chars:
+                raise ResourceExhausted(
+                    f"item {item.item_id!r}: text has {len(item.text):,} characters, over the "
+                    f"limit of {self.limits.max_text_chars:,}"
+                )
+        elif len(item.image or b"") > self.limits.max_image_bytes:
+            raise ResourceExhausted(
+                f"item {item.item_id!r}: image has {len(item.image or b''):,} bytes, over the "
+                f"limit of {self.limits.max_image_bytes:,}"
+            )
+        if len(item.source) > 1000:
+            raise InvalidArgument(f"item {item.item_id!r}: source is longer than 1000 characters")
+
+    def _check_pairs(self, items: list[NewItem], known: dict) -> None:
+        """An id keeps its modality; a pair_id names an item of the other modality, in this
+        batch or already stored."""
+        batch = {i.item_id: i.modality for i in items}
+        for item in items:
+            stored = known.get(item.item_id)
+            if stored is not None and stored["modality"] != item.modality:
+                raise InvalidArgument(
+                    f"item {item.item_id!r} is already stored as {stored['modality']}: delete it "
+                    f"before storing {item.modality} under its id"
+                )
+            if not item.pair_id:
+                continue
+            modality = batch.get(item.pair_id) or (known[item.pair_id]["modality"] if item.pair_id in known else None)
+            if modality is None:
+                raise InvalidArgument(f"item {item.item_id!r}: pair_id {item.pair_id!r} is not a known item")
+            if modality == item.modality:
+                raise InvalidArgument(
+                    f"item {item.item_id!r}: pair_id {item.pair_id!r} is another {modality}; "
+                    "a pair joins an image and a text"
+                )
+
+    def _encode(self, items: list[NewItem]) -> dict[str, np.ndarray]:
+        """Base vectors of the items to (re)embed, by modality, in the items' order."""
+        texts = [i.text or "" for i in items if i.modality == TEXT]
+        images = []
+        for item in items:
+            if item.modality == IMAGE:
+                try:
+                    images.append(decode_image(item.image or b"", max_pixels=self.limits.max_pixels))
+                except XmodalError as exc:  # undecodable, or past the pixel limit
+                    raise type(exc)(f"item {item.item_id!r}: {exc}") from None
+        return {
+            TEXT: self.encoder.encode_texts(texts) if texts else np.zeros((0, self.encoder.dim), np.float32),
+            IMAGE: self.encoder.encode_images(images),
+        }
+
+    def _write_blob(self, data: bytes, content_hash: str) -> str:
+        """Image bytes under blobs/, content-addressed; returns the path relative to the data directory."""
+        relative = f"blobs/{content_hash[:2]}/{content_hash}"
+        path = self.data.root / relative
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        return relative
+
+    def _apply(self, items: list[NewItem], fresh: list[NewItem], vectors: dict[str, np.ndarray], known: dict) -> dict:
+        """Shards and blobs first, then one catalog transaction, then the live view."""
+        shards = {m: self.store.write_shard(m, vectors[m]) if len(vectors[m]) else None for m in (IMAGE, TEXT)}
+        placed: dict[str, tuple[int | None, int]] = {}
+        for modality in (IMAGE, TEXT):
+            for row, item in enumerate(i for i in fresh if i.modality == modality):
+                placed[item.item_id] = (shards[modality], row)
+        blobs = {i.item_id: self._write_blob(i.image, i.content_hash) for i in fresh if i.image is not None}
+        counts = {"added": 0, "changed": 0, "unchanged": len(items) - len(fresh), "pairs_added": 0}
+        with self.catalog.tx() as db:
+            seq = next_seq(db)
+            for item in fresh:
+                counts["changed" if item.item_id in known else "added"] += 1
+                shard, row = placed[item.item_id]
+                db.execute(
+                    "INSERT INTO items (id, modality, text, source, metadata, content_hash, shard, row, error, "
+                    "added_at, seq, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
+                    "SET modality=excluded.modality, text=excluded.text, source=excluded.source, "
+                    "metadata=excluded.metadata, content_hash=excluded.content_hash, shard=excluded.shard, "
+                    "row=excluded.row, error=NULL, seq=excluded.seq, blob=excluded.blob",
+                    (
+                        item.item_id,
+                        item.modality,
+                        item.text or "",
+                        item.source,
+                        json.dumps(item.metadata, sort_keys=True),
+                        item.content_hash,
+                        shard,
+                        row,
+                        time.time(),
+                        seq,
+                        blobs.get(item.item_id),
+                    ),
+                )
+                db.execute("DELETE FROM tombstones WHERE id = ?", (item.item_id,))
+            counts["pairs_added"] = self._add_pairs(db, items)
+        by_modality = {m: [i.item_id for i in fresh if i.modality == m] for m in (IMAGE, TEXT)}
+        self.view.apply_upsert({m: (by_modality[m], vectors[m]) for m in (IMAGE, TEXT)})
+        return counts
+
+    @staticmethod
+    def _add_pairs(db, items: list[NewItem]) -> int:
+        added = 0
+        for item in items:
+            if item.pair_id:
+                image_id, text_id = (
+                    (item.item_id, item.pair_id) if item.modality == IMAGE else (item.pair_id, item.item_id)
+                )
+                added += db.execute(
+                    "INSERT OR IGNORE INTO pairs (image_id, text_id, split) VALUES (?, ?, ?)",
+                    (image_id, text_id, split_for(image_id)),
+                ).rowcount
+        return added
+
+    # -- deletes ---------------------------------------------------------------------------
+    def delete(self, item_ids: list[str], *, purge: bool = False) -> tuple[list[str], list[str]]:
+        """Delete items: gone from the catalog and hidden from every snapshot at once.
+
+        Returns:
+            (deleted ids, unknown ids).
+
+        Raises:
+            InvalidArgument: no ids, an empty id. ResourceExhausted: too many ids.
+            FailedPrecondition: ``purge`` (erasure of every copy is not available yet).
+        """
+        if purge:
+            raise FailedPrecondition(
+                "purge (erasing every copy of the items) is not available yet: delete without "
+                "purge hides the items from every search and GetItems at once"
+            )
+        if not item_ids:
+            raise InvalidArgument("item_ids is empty: pass the ids to delete")
+        if len(item_ids) > self.limits.max_upsert_items:
+            raise ResourceExhausted(
+                f"{len(item_ids)} ids in one call, over the limit of "
+                f"{self.limits.max_upsert_items}: send smaller batches"
+            )
+        for item_id in item_ids:
+            check_item_id(item_id)
+        with self._lock:
+            deleted = self._delete_rows(list(dict.fromkeys(item_ids)))
+            self.view.apply_delete(deleted)
+        log.info("deleted %d item(s)", len(deleted))
+        return deleted, [i for i in dict.fromkeys(item_ids) if i not in set(deleted)]
+
+    def _delete_rows(self, item_ids: list[str]) -> list[str]:
+        with self.catalog.tx() as db:
+            marks = ",".join("?" * len(item_ids))
+            existing = [r[0] for r in db.execute(f"SELECT id FROM items WHERE id IN ({marks})", item_ids)]
+            if existing:
+                seq = next_seq(db)
+                marks = ",".join("?" * len(existing))
+                db.execute(f"DELETE FROM pairs WHERE image_id IN ({marks}) OR text_id IN ({marks})", existing * 2)
+                db.execute(f"DELETE FROM items WHERE id IN ({marks})", existing)
+                now = time.time()
+                db.executemany(
+                    "INSERT OR REPLACE INTO tombstones (id, seq, deleted_at) VALUES (?, ?, ?)",
+                    [(i, seq, now) for i in existing],
+                )
+        return existing
+
+
+__all__ = ["CorpusWrites", "NewItem", "check_item_id", "parse_metadata", "tombstoned"]
