@@ -3,7 +3,18 @@
 from xmodal.client import SearchClient
 """
 
-from ._client import Hit, Item, RefitRun, SearchClient, SearchResult, SnapshotInfo, Status
+from ._client import (
+    DeleteResult,
+    Hit,
+    Item,
+    NewItem,
+    RefitRun,
+    SearchClient,
+    SearchResult,
+    SnapshotInfo,
+    Status,
+    UpsertResult,
+)
 from ._errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -25,6 +36,9 @@ __all__ = [
     "Status",
     "RefitRun",
     "SnapshotInfo",
+    "NewItem",
+    "UpsertResult",
+    "DeleteResult",
     "XmodalError",
     "InvalidArgument",
     "NotFound",

@@ -1,10 +1,10 @@
-"""SearchClient: a typed Python client for the xmodal gRPC API (grpc + numpy only)."""
+"""SearchClient: a typed Python client for the xmodal gRPC API (grpc + protobuf only)."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +82,40 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class NewItem:
+    """One item to add to (or replace in) a running server's corpus: exactly one of ``text``
+    or ``image`` (the encoded bytes, or a path the client reads). ``pair_id`` names an item of
+    the other modality that this one describes (sent in the same call or earlier);
+    ``source`` is shown in hits (say where the item came from, not a path on a server)."""
+
+    item_id: str
+    text: str | None = None
+    image: bytes | str | Path | None = None
+    metadata: dict | None = None
+    pair_id: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    """What one UpsertItems call did: items new, replaced (same id, new content), already
+    there as given, and pairs recorded."""
+
+    added: int
+    changed: int
+    unchanged: int
+    pairs_added: int
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """Ids that existed and are now deleted, and ids the server did not know (not an error)."""
+
+    deleted_ids: list[str]
+    unknown_ids: list[str]
+
+
+@dataclass(frozen=True)
 class Status:
     serving: bool
     snapshot_id: str
@@ -118,19 +152,73 @@ def _query(text, image, item_id) -> pb.Query:
     return _request(pb.Query, text=text) if text is not None else _request(pb.Query, item_id=item_id)
 
 
-def _image_bytes(image) -> bytes:
-    """A query image given as bytes, or read from a file path."""
+def _image_bytes(image, what: str = "query image") -> bytes:
+    """An image (``what`` names it in errors) given as bytes, or read from a file path."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if not isinstance(image, (str, Path)):
-        raise InvalidArgument(f"image must be the encoded bytes or a file path, got {type(image).__name__}")
+        raise InvalidArgument(f"{what} must be the encoded bytes or a file path, got {type(image).__name__}")
     try:
         return Path(image).read_bytes()
     except OSError as exc:
         raise InvalidArgument(
-            f"cannot read the query image {str(image)!r} ({exc.strerror or exc}): pass the path of "
+            f"cannot read the {what} {str(image)!r} ({exc.strerror or exc}): pass the path of "
             "an image file (JPEG, PNG, ...) or its bytes"
         ) from None
+
+
+_NEW_ITEM_FIELDS = tuple(NewItem.__dataclass_fields__)
+
+
+def _new_items(items) -> list[pb.NewItem]:
+    """NewItem messages from NewItem objects or dicts of NewItem's fields; one item given
+    alone is one item, as one id is for the id arguments."""
+    if isinstance(items, (NewItem, Mapping)):
+        items = [items]
+    elif not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
+        raise InvalidArgument(f"items must be a list of NewItem or dicts, got {type(items).__name__}")
+    return [_new_item(item, n) for n, item in enumerate(items)]
+
+
+def _new_item(item, n: int) -> pb.NewItem:
+    if isinstance(item, Mapping):
+        unknown = sorted(str(key) for key in item if key not in _NEW_ITEM_FIELDS)
+        if unknown:
+            raise InvalidArgument(f"items[{n}]: unknown field(s) {unknown}; known: {list(_NEW_ITEM_FIELDS)}")
+        if "item_id" not in item:
+            raise InvalidArgument(f"items[{n}]: item_id is missing")
+        item = NewItem(**item)
+    elif not isinstance(item, NewItem):
+        raise InvalidArgument(f"items[{n}] must be a NewItem or a dict of its fields, got {type(item).__name__}")
+    if not isinstance(item.item_id, str):
+        raise InvalidArgument(f"items[{n}]: item_id must be a string, got {item.item_id!r}")
+    where = f"items[{n}] ({item.item_id!r})"
+    if (item.text is None) == (item.image is None):
+        raise InvalidArgument(f"{where}: give exactly one of text= or image=")
+    content: dict[str, str | bytes]
+    if item.text is not None:
+        content = {"text": item.text}
+    else:
+        content = {"image": _image_bytes(item.image, f"image of {where}")}
+    return _request(
+        pb.NewItem,
+        item_id=item.item_id,
+        **content,
+        metadata_json=_metadata_json(item.metadata, where),
+        pair_id=item.pair_id,
+        source=item.source,
+    )
+
+
+def _metadata_json(metadata, where: str) -> str:
+    if metadata is None:
+        return ""
+    if not isinstance(metadata, Mapping):
+        raise InvalidArgument(f"{where}: metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return json.dumps(dict(metadata))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{where}: metadata must be JSON-serialisable ({exc})") from None
 
 
 def _ids(value, name: str) -> list[str]:
@@ -215,6 +303,7 @@ class SearchClient:
         self._search = pb_grpc.SearchServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._admin = pb_grpc.AdminServiceStub(self._channel)
+        self._index = pb_grpc.IndexServiceStub(self._channel)
 
     def __enter__(self) -> SearchClient:
         return self
@@ -323,6 +412,52 @@ class SearchClient:
             ],
             raw=r,
         )
+
+    # -- the live corpus ---------------------------------------------------------------------
+    def upsert_items(
+        self, items: Iterable[NewItem | Mapping] | NewItem | Mapping, *, timeout: float | None = None
+    ) -> UpsertResult:
+        """Add items to the running server's corpus, or replace those whose id exists.
+
+        The call is applied whole or not at all, and its items are searchable when it returns.
+        Needs an API key with the ``index`` or ``admin`` role.
+
+        Args:
+            items: NewItem objects, or dicts of NewItem's fields (item_id, text or image,
+                metadata, pair_id, source); ``image`` is bytes or a file path to read.
+
+        Returns:
+            UpsertResult: counts of items added, changed, unchanged, and pairs added.
+
+        Raises:
+            InvalidArgument: a malformed item (checked here before sending, or by the server,
+                whose message names the item); ResourceExhausted: past a server limit;
+                PermissionDenied: the key's role is below ``index``.
+        """
+        request = pb.UpsertItemsRequest(items=_new_items(items))
+        with map_errors(self.target):
+            r = self._index.UpsertItems(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return UpsertResult(r.added, r.changed, r.unchanged, r.pairs_added)
+
+    def delete_items(
+        self, item_ids: Sequence[str], *, purge: bool = False, timeout: float | None = None
+    ) -> DeleteResult:
+        """Delete items from the running server's corpus; ids it does not
+        know are returned in ``unknown_ids``, not raised. Needs the ``index`` or ``admin`` role.
+
+        Args:
+            item_ids: ids to delete (one id may be given as a plain string).
+            purge: erase every trace (not implemented by the server yet: FailedPrecondition).
+
+        Returns:
+            DeleteResult: ``deleted_ids`` and ``unknown_ids``.
+        """
+        if not isinstance(purge, bool):
+            raise InvalidArgument(f"purge must be True or False, got {purge!r}")
+        request = pb.DeleteItemsRequest(item_ids=_ids(item_ids, "item_ids"), purge=purge)
+        with map_errors(self.target):
+            r = self._index.DeleteItems(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return DeleteResult(list(r.deleted_ids), list(r.unknown_ids))
 
     # -- feedback and administration ---------------------------------------------------------
     def submit_feedback(
