@@ -61,7 +61,7 @@ def bare_encoder_rate(encoder, items: list[NewItem]) -> float:
     for start in range(0, len(items), BATCH):
         batch = items[start : start + BATCH]
         if batch[0].image is not None:
-            encoder.encode_images([decode_image(i.image) for i in batch])
+            encoder.encode_images([decode_image(bytes(i.image)) for i in batch if isinstance(i.image, bytes)])
         else:
             encoder.encode_texts([i.text for i in batch])
     return len(items) / (time.perf_counter() - started)
