@@ -22,7 +22,7 @@ import numpy as np
 from xmodal.indexer.catalog import Catalog, next_seq, split_for, text_hash
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.encoder import Encoder
-from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, XmodalError
+from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, XmodalError
 from xmodal.indexer.heads import fsync_dir
 from xmodal.indexer.images import decode_image
 from xmodal.indexer.snapshot import DataDir
@@ -123,11 +123,7 @@ class CorpusWrites:
     def _check_batch(self, items: list[NewItem]) -> None:
         if not items:
             raise InvalidArgument("items is empty: send at least one item")
-        if len(items) > self.limits.max_upsert_items:
-            raise ResourceExhausted(
-                f"{len(items)} items in one call, over the limit of "
-                f"{self.limits.max_upsert_items}: send smaller batches"
-            )
+        self.limits.at_most("max_upsert_items", len(items), "items in one call", "send smaller batches")
         seen: set[str] = set()
         for item in items:
             check_item_id(item.item_id)
@@ -142,15 +138,10 @@ class CorpusWrites:
         if item.text is not None:
             if not item.text.strip():
                 raise InvalidArgument(f"item {item.item_id!r}: text is empty")
-            if len(item.text) > self.limits.max_text_chars:
-                raise ResourceExhausted(
-                    f"item {item.item_id!r}: text has {len(item.text):,} characters, over the "
-                    f"limit of {self.limits.max_text_chars:,}"
-                )
-        elif len(item.image or b"") > self.limits.max_image_bytes:
-            raise ResourceExhausted(
-                f"item {item.item_id!r}: image has {len(item.image or b''):,} bytes, over the "
-                f"limit of {self.limits.max_image_bytes:,}"
+            self.limits.at_most("max_text_chars", len(item.text), "characters", f"shorten the text of {item.item_id!r}")
+        else:
+            self.limits.at_most(
+                "max_image_bytes", len(item.image or b""), "bytes", f"send a smaller image as {item.item_id!r}"
             )
         if len(item.source) > 1000:
             raise InvalidArgument(f"item {item.item_id!r}: source is longer than 1000 characters")
@@ -279,11 +270,7 @@ class CorpusWrites:
             )
         if not item_ids:
             raise InvalidArgument("item_ids is empty: pass the ids to delete")
-        if len(item_ids) > self.limits.max_upsert_items:
-            raise ResourceExhausted(
-                f"{len(item_ids)} ids in one call, over the limit of "
-                f"{self.limits.max_upsert_items}: send smaller batches"
-            )
+        self.limits.at_most("max_upsert_items", len(item_ids), "ids in one call", "send smaller batches")
         for item_id in item_ids:
             check_item_id(item_id)
         with self._lock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xmodal.indexer.errors import InvalidArgument
+from xmodal.indexer.errors import InvalidArgument, ResourceExhausted
 from xmodal.indexer.images import DEFAULT_MAX_PIXELS
 
 
@@ -25,3 +25,10 @@ class Limits:
         for name, value in vars(self).items():
             if not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"limit {name} must be a positive integer, got {value!r}")
+
+    def at_most(self, name: str, value: int, what: str, fix: str = "") -> None:
+        """Raise ResourceExhausted when ``value`` is over the limit ``name``, saying
+        "<value> <what>, over the limit of <limit>[: <fix>]"."""
+        limit = getattr(self, name)
+        if value > limit:
+            raise ResourceExhausted(f"{value:,} {what}, over the limit of {limit:,}" + (f": {fix}" if fix else ""))

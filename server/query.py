@@ -12,7 +12,7 @@ import numpy as np
 from xmodal.indexer.catalog import Catalog
 from xmodal.indexer.corpus import IMAGE, MODALITIES, TEXT
 from xmodal.indexer.encoder import Encoder
-from xmodal.indexer.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from xmodal.indexer.errors import DeadlineExceeded, InvalidArgument, NotFound
 from xmodal.indexer.images import decode_image
 
 from .limits import Limits
@@ -89,17 +89,11 @@ class QueryPath:
         if text is not None:
             if not text.strip():
                 raise InvalidArgument("query text is empty: send the words to search for")
-            if len(text) > self.limits.max_text_chars:
-                raise ResourceExhausted(
-                    f"query text has {len(text):,} characters, over the limit of {self.limits.max_text_chars:,}"
-                )
+            self.limits.at_most("max_text_chars", len(text), "characters", "shorten the query text")
             return TEXT, self.encoder.encode_texts([text])
         if image is None:
             raise InvalidArgument("a query needs text, image or item_id")
-        if len(image) > self.limits.max_image_bytes:
-            raise ResourceExhausted(
-                f"image has {len(image):,} bytes, over the limit of {self.limits.max_image_bytes:,}"
-            )
+        self.limits.at_most("max_image_bytes", len(image), "bytes", "send a smaller query image")
         picture = decode_image(image, max_pixels=self.limits.max_pixels)
         return IMAGE, self.encoder.encode_images([picture])
 
@@ -189,11 +183,7 @@ class QueryPath:
         """
         if not item_ids:
             raise InvalidArgument("item_ids is empty: pass at least one item id")
-        if len(item_ids) > self.limits.max_items_per_request:
-            raise ResourceExhausted(
-                f"{len(item_ids)} ids in one request, over the limit of "
-                f"{self.limits.max_items_per_request}: split the request"
-            )
+        self.limits.at_most("max_items_per_request", len(item_ids), "ids in one request", "split the request")
         if any(not item_id.strip() for item_id in item_ids):
             raise InvalidArgument("an item id is empty")
         rows = self.catalog.get_items(item_ids)
