@@ -1,12 +1,25 @@
-"""The live corpus on a running server: upsert throughput against the bare encoder,
-acknowledgement-to-visible time, delete latency, and search latency with items in deltas
-and tombstones against a snapshot that holds the same corpus.
+"""The live corpus on a running server (issue 8): upsert throughput against the bare encoder,
+acknowledgement-to-visible time, delete latency, search latency with items in deltas and
+tombstones against the compacted snapshot, compaction time, and searches from many clients
+through several compactions.
 
-A corpus of ``--base`` generated image-caption pairs is indexed (xmodal-demo, zero-shot head),
-a server is started in this process on 127.0.0.1, and everything else goes through the
-Python client over gRPC, as a frontend's calls would.
+``--base`` generated image-caption pairs are indexed (xmodal-demo, zero-shot head), a server
+is started in this process on 127.0.0.1, and everything else goes through the Python client
+over gRPC, as a frontend's calls would. In order:
 
-    python bench/live.py [--base 20000] [--upserts 2000] [--queries 300] [--out DIR]
+1. search with nothing in deltas, then with ``--deltas`` items in deltas (text items
+   upserted to reach each count; the upserts of step 2 count towards the last one);
+2. upsert throughput: ``--upserts`` new image-caption pairs per batch size in ``--batches``
+   (images, then their captions), each call timed beside the bare encoder on the same items
+   (decode included), alternating which goes first;
+3. acknowledgement to visible (an upserted caption found by the next search) and delete latency;
+4. search with ``--tombstones`` shares of the base items deleted (images and their captions);
+5. one compaction (``client.compact()``: folds the deltas, erases the deleted items), then
+   search on the compacted snapshot, and each p50 above against its p50;
+6. ``--clients`` threads searching without pause while ``--compactions`` rounds each upsert
+   and delete some items, then compact: errors, searches, compaction times, latencies.
+
+    python bench/live.py [--base 50000] [--upserts 2000] [--queries 300] [--out DIR]
 """
 
 from __future__ import annotations
@@ -14,8 +27,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,15 +38,18 @@ import numpy as np
 
 from xmodal.client import NewItem, SearchClient
 from xmodal.indexer import world
-from xmodal.indexer.adapt import fit_snapshot
 from xmodal.indexer.encoder import DEMO_MODEL, load_encoder
+from xmodal.indexer.images import decode_image
 from xmodal.indexer.pipeline import index_corpus
 from xmodal.indexer.train import FitConfig
 from xmodal.server.engine import SearchEngine
 from xmodal.server.limits import Limits
 from xmodal.server.service import Server
 
-BATCH = 64
+GOAL_UPSERT_RATIO = 0.8  # upsert items/s over the bare encoder's, at least
+GOAL_SEARCH_RATIO = 1.2  # search p50 with deltas or tombstones over the compacted snapshot's, at most
+MAX_CALL = Limits().max_upsert_items  # items per UpsertItems call, ids per DeleteItems call
+WARM_UP = 10  # queries before each latency measurement, not counted
 
 
 def png(image) -> bytes:
@@ -53,37 +71,80 @@ def new_items(n: int, seed: int) -> tuple[list[NewItem], list[NewItem]]:
     return images, texts
 
 
-def bare_encoder_rate(encoder, items: list[NewItem]) -> float:
-    """Items/s of the encoder alone on the same items, in the same batches (decode included)."""
-    from xmodal.indexer.images import decode_image
-
-    started = time.perf_counter()
-    for start in range(0, len(items), BATCH):
-        batch = items[start : start + BATCH]
-        if batch[0].image is not None:
-            encoder.encode_images([decode_image(bytes(i.image)) for i in batch if isinstance(i.image, bytes)])
-        else:
-            encoder.encode_texts([i.text for i in batch])
-    return len(items) / (time.perf_counter() - started)
+def batches(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-def upsert_rate(client: SearchClient, items: list[NewItem]) -> float:
-    started = time.perf_counter()
-    for start in range(0, len(items), BATCH):
-        client.upsert_items(items[start : start + BATCH])
-    return len(items) / (time.perf_counter() - started)
+def percentiles(times_ms: list[float]) -> dict:
+    if not times_ms:
+        return {"n": 0}
+    return {
+        "n": len(times_ms),
+        "p50_ms": float(np.percentile(times_ms, 50)),
+        "p99_ms": float(np.percentile(times_ms, 99)),
+    }
 
 
+# -- throughput ----------------------------------------------------------------------------
+def bare_encode(encoder, batch: list[NewItem]) -> None:
+    """The encoder alone on one batch, decode included."""
+    if batch[0].image is not None:
+        encoder.encode_images([decode_image(bytes(i.image)) for i in batch if isinstance(i.image, bytes)])
+    else:
+        encoder.encode_texts([i.text for i in batch])
+
+
+def upsert_vs_bare(client: SearchClient, encoder, items: list[NewItem], size: int) -> dict:
+    """Items/s of UpsertItems and of the bare encoder on the same batches, call by call,
+    alternating which goes first (the machine's speed drifts; this keeps the two side by side)."""
+    upsert_s = bare_s = 0.0
+    for n, batch in enumerate(batches(items, size)):
+        for step in ("bare", "upsert") if n % 2 == 0 else ("upsert", "bare"):
+            t0 = time.perf_counter()
+            if step == "bare":
+                bare_encode(encoder, batch)
+                bare_s += time.perf_counter() - t0
+            else:
+                client.upsert_items(batch)
+                upsert_s += time.perf_counter() - t0
+    return {
+        "items": len(items),
+        "upsert_items_per_s": len(items) / upsert_s,
+        "bare_encoder_items_per_s": len(items) / bare_s,
+        "ratio": bare_s / upsert_s,
+    }
+
+
+def throughput(client: SearchClient, encoder, n: int, sizes: list[int]) -> dict:
+    out: dict = {}
+    for seed, size in enumerate(sizes, start=11):
+        images, texts = new_items(n, seed=seed)
+        out[f"batch_{size}"] = {
+            "images": upsert_vs_bare(client, encoder, images, size),
+            "texts": upsert_vs_bare(client, encoder, texts, size),
+        }
+    return out
+
+
+# -- latencies ------------------------------------------------------------------------------
 def search_latency(client: SearchClient, queries: list[str]) -> dict:
-    times = []
+    for query in queries[:WARM_UP]:
+        client.search(text=query, k=10)
+    times, encode, faiss_ms = [], [], []
     for query in queries:
         t0 = time.perf_counter()
-        client.search(text=query, k=10)
+        result = client.search(text=query, k=10)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+        encode.append(result.timing["encode_ms"])
+        faiss_ms.append(result.timing["search_ms"])
+    return {
+        **percentiles(times),
+        "server_encode_p50_ms": float(np.median(encode)),
+        "server_search_p50_ms": float(np.median(faiss_ms)),  # FAISS over snapshot and deltas, and merge
+    }
 
 
-def visible_and_delete(client: SearchClient, rounds: int = 50) -> dict:
+def visible_and_delete(client: SearchClient, rounds: int = 100) -> dict:
     """Upsert one caption, then search for it at once; delete it and time the call."""
     visible, deletes, found = [], [], 0
     for i in range(rounds):
@@ -97,68 +158,259 @@ def visible_and_delete(client: SearchClient, rounds: int = 50) -> dict:
         client.delete_items([f"probe-{i}"])
         deletes.append((time.perf_counter() - t0) * 1e3)
     return {
+        "rounds": rounds,
         "found_by_the_next_search": found / rounds,
         "ack_to_visible_p50_ms": float(np.median(visible)),
-        "delete_p50_ms": float(np.median(deletes)),
-        "delete_p99_ms": float(np.percentile(deletes, 99)),
+        "ack_to_visible_p99_ms": float(np.percentile(visible, 99)),
+        "delete_one_p50_ms": float(np.median(deletes)),
+        "delete_one_p99_ms": float(np.percentile(deletes, 99)),
     }
+
+
+def in_deltas(engine: SearchEngine) -> int:
+    return sum(len(d) for d in engine.view.state().deltas.values())
+
+
+def fill_deltas(client: SearchClient, engine: SearchEngine, target: int, tag: str) -> int:
+    """Upsert text items (no pairs) until ``target`` items are in deltas; returns the count."""
+    missing = target - in_deltas(engine)
+    captions = [world.caption(s, "target") for s in world.scenes(max(missing, 0), seed=1000 + target)]
+    items = [NewItem(f"fill-{tag}-{i}", text=f"{c} #{i}") for i, c in enumerate(captions)]
+    for batch in batches(items, MAX_CALL):
+        client.upsert_items(batch)
+    return in_deltas(engine)
+
+
+def base_ids(base_pairs: int) -> list[str]:
+    """The indexed items, image then caption, pair by pair."""
+    ids = []
+    for i in range(base_pairs):
+        ids += [f"target-3-{i:06d}", f"target-3-{i:06d}#caption"]
+    return ids
+
+
+def delete_all(client: SearchClient, ids: list[str]) -> list[float]:
+    """Delete ``ids`` in calls of the largest size; returns each call's ms."""
+    times = []
+    for batch in batches(ids, MAX_CALL):
+        t0 = time.perf_counter()
+        client.delete_items(batch)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+# -- many clients through compactions --------------------------------------------------------
+def through_compactions(
+    address: str, client: SearchClient, queries: list[str], doomed: list[str], clients: int, rounds: int
+) -> dict:
+    """``clients`` threads search without pause (each its own SearchClient) while this thread
+    runs ``rounds`` times: upsert image-caption pairs (as many items as it deletes, up to
+    one call of each), delete base items (``doomed`` split over the rounds), compact."""
+    stop = threading.Event()
+    records: list[list[tuple[float, float, bool]]] = [[] for _ in range(clients)]  # (start, ms, ok)
+    errors: list[str] = []
+
+    def searcher(n: int) -> None:
+        rng = np.random.default_rng(n)
+        with SearchClient(address, timeout=60) as mine:
+            while not stop.is_set():
+                query = queries[int(rng.integers(len(queries)))]
+                t0 = time.perf_counter()
+                try:
+                    ok = len(mine.search(text=query, k=10).hits) == 10
+                except Exception as exc:  # noqa: BLE001 - counted, not raised
+                    ok = False
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                records[n].append((t0, (time.perf_counter() - t0) * 1e3, ok))
+
+    threads = [threading.Thread(target=searcher, args=(n,), daemon=True) for n in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    per_round = max(len(doomed) // rounds, 1)
+    pairs = min(MAX_CALL, max(per_round // 2, 1))  # upserted per round, images then their captions
+    compactions, windows = [], []
+    try:
+        time.sleep(1.0)
+        for r in range(rounds):
+            images, texts = new_items(pairs, seed=100 + r)
+            client.upsert_items(images)
+            client.upsert_items(texts)
+            delete_all(client, doomed[r * per_round : (r + 1) * per_round])
+            t0 = time.perf_counter()
+            result = client.compact(timeout=3600)
+            t1 = time.perf_counter()
+            windows.append((t0, t1))
+            compactions.append(
+                {
+                    "seconds": t1 - t0,
+                    "server_seconds": result.seconds,
+                    "folded_items": result.folded_items,
+                    "erased_items": result.erased_items,
+                    "rewritten_snapshots": result.rewritten_snapshots,
+                }
+            )
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    elapsed = time.perf_counter() - started
+    flat = [rec for mine in records for rec in mine]
+    during = [ms for t, ms, _ in flat if any(a <= t < b for a, b in windows)]
+    between = [ms for t, ms, _ in flat if not any(a <= t < b for a, b in windows)]
+    return {
+        "clients": clients,
+        "compactions": compactions,
+        "seconds": elapsed,
+        "searches": len(flat),
+        "searches_per_s": len(flat) / elapsed,
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "short_results": sum(1 for _, _, ok in flat if not ok) - len(errors),  # answered with fewer than k hits
+        "search_during_compactions": percentiles(during),
+        "search_between_compactions": percentiles(between),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------
+def measure(client: SearchClient, engine: SearchEngine, encoder, queries: list[str], args: argparse.Namespace) -> dict:
+    out: dict = {"search": {}, "phase_seconds": {}}
+    search = out["search"]
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:  # wall time of each step, to see where a run spends it
+        now = time.perf_counter()
+        out["phase_seconds"][name] = out["phase_seconds"].get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    search["deltas_0"] = {"in_deltas": in_deltas(engine), **search_latency(client, queries)}
+    lap("search")
+    levels = sorted(args.deltas)
+    for level in levels[:-1]:
+        count = fill_deltas(client, engine, level, str(level))
+        lap("fill_deltas")
+        search[f"deltas_{level}"] = {"in_deltas": count, **search_latency(client, queries)}
+        lap("search")
+    out["upsert"] = throughput(client, encoder, args.upserts, args.batches)
+    lap("upsert_vs_bare")
+    out["visible_and_delete"] = visible_and_delete(client)
+    lap("visible_and_delete")
+    count = fill_deltas(client, engine, levels[-1], str(levels[-1]))
+    lap("fill_deltas")
+    search[f"deltas_{levels[-1]}"] = {"in_deltas": count, **search_latency(client, queries)}
+    lap("search")
+
+    ids = base_ids(args.base)
+    deleted, delete_calls = 0, []
+    for share in sorted(args.tombstones):
+        doomed = ids[deleted : int(round(share * len(ids)))]
+        delete_calls += delete_all(client, doomed)
+        deleted += len(doomed)
+        lap("delete_base")
+        search[f"tombstones_{share:.0%}"] = {
+            "in_deltas": in_deltas(engine),
+            "hidden": len(engine.view.state().hidden),
+            **search_latency(client, queries),
+        }
+        lap("search")
+    out[f"delete_{MAX_CALL}_ids_per_call"] = percentiles(delete_calls)
+
+    t0 = time.perf_counter()
+    result = client.compact(timeout=3600)
+    out["compaction"] = {
+        "seconds": time.perf_counter() - t0,
+        "server_seconds": result.seconds,
+        "folded_items": result.folded_items,
+        "erased_items": result.erased_items,
+        "rewritten_snapshots": result.rewritten_snapshots,
+        "items_after": sum(len(i) for i in engine.view.state().snapshot.indexes.values()),
+    }
+    lap("compaction")
+    search["compacted"] = {"in_deltas": in_deltas(engine), **search_latency(client, queries)}
+    lap("search")
+    compacted = search["compacted"]["p50_ms"]
+    out["p50_vs_compacted"] = {name: s["p50_ms"] / compacted for name, s in search.items() if name != "compacted"}
+
+    rest = ids[deleted:]
+    out["through_compactions"] = through_compactions(
+        client.target, client, queries, rest[: len(ids) // 100 * args.compactions], args.clients, args.compactions
+    )
+    lap("through_compactions")
+    out["goals"] = goals(out, args)
+    return out
+
+
+def goals(out: dict, args: argparse.Namespace) -> dict:
+    upsert = out["upsert"][f"batch_{max(args.batches)}"]
+    result = {
+        f"upsert_{m}_ratio_at_least_{GOAL_UPSERT_RATIO}": {
+            "value": upsert[m]["ratio"],
+            "met": upsert[m]["ratio"] >= GOAL_UPSERT_RATIO,
+        }
+        for m in ("images", "texts")
+    }
+    for name, ratio in out["p50_vs_compacted"].items():
+        if name != "deltas_0":  # the snapshot as indexed: a reference, not a goal
+            result[f"search_p50_{name}_at_most_{GOAL_SEARCH_RATIO}x_compacted"] = {
+                "value": ratio,
+                "met": ratio <= GOAL_SEARCH_RATIO,
+            }
+    errors = out["through_compactions"]["errors"]
+    result["errors_through_compactions_0"] = {"value": errors, "met": errors == 0}
+    return result
+
+
+def int_list(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v]
+
+
+def float_list(value: str) -> list[float]:
+    return [float(v) for v in value.split(",") if v]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=int, default=20000, help="indexed pairs before the upserts")
-    parser.add_argument("--upserts", type=int, default=2000, help="image-caption pairs upserted (in deltas)")
+    parser.add_argument("--base", type=int, default=50000, help="indexed pairs (2 items each) before the upserts")
+    parser.add_argument("--upserts", type=int, default=2000, help="image-caption pairs upserted per batch size")
+    parser.add_argument("--batches", type=int_list, default=[64, 256], help="items per upsert call to measure")
+    parser.add_argument("--deltas", type=int_list, default=[1000, 10000], help="items in deltas to search with")
+    parser.add_argument("--tombstones", type=float_list, default=[0.01, 0.10], help="shares of base items deleted")
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=16, help="search threads through the compactions")
+    parser.add_argument("--compactions", type=int, default=5)
     parser.add_argument("--out", default=None, help="folder for live.json")
     args = parser.parse_args(argv)
+    if max(args.batches) > MAX_CALL:
+        parser.error(f"--batches: at most {MAX_CALL} items per call")
+    started = time.perf_counter()
     encoder = load_encoder(DEMO_MODEL, None)
     queries = [world.caption(s, "target") for s in world.scenes(args.queries, seed=77)]
-    report: dict = {"base_pairs": args.base, "upserted_pairs": args.upserts}
+    report: dict = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "base_items": 2 * args.base,
+        "load_average_at_start": os.getloadavg(),  # the machine is shared: other work skews the figures
+    }
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
         corpus = world.write_corpus(Path(tmp) / "corpus", n=args.base, seed=3, style="target", image_size=64)
         index_corpus(corpus, Path(tmp) / "data", encoder, head=FitConfig(kind="identity"), progress=False)
+        report["index_seconds"] = time.perf_counter() - t0
         engine = SearchEngine(Path(tmp) / "data", encoder, limits=Limits())
         engine.load_current()
         server = Server(engine, port=0).start()
         try:
             with SearchClient(server.address, timeout=120) as client:
-                report.update(measure(client, engine, encoder, queries, args.upserts, args.base))
+                report.update(measure(client, engine, encoder, queries, args))
         finally:
             server.stop(grace=1)
+    report["wall_seconds"] = time.perf_counter() - started
+    report["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "live.json").write_text(json.dumps(report, indent=2))
+        (Path(args.out) / "live.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
-
-
-def measure(client: SearchClient, engine: SearchEngine, encoder, queries: list[str], n: int, base_pairs: int) -> dict:
-    images, texts = new_items(n, seed=11)
-    out: dict = {"search_no_delta": search_latency(client, queries)}
-    out["bare_encoder_images_per_s"] = bare_encoder_rate(encoder, images)
-    out["upsert_images_per_s"] = upsert_rate(client, images)
-    out["bare_encoder_texts_per_s"] = bare_encoder_rate(encoder, texts)
-    out["upsert_texts_per_s"] = upsert_rate(client, texts)
-    out["ratio_images"] = out["upsert_images_per_s"] / out["bare_encoder_images_per_s"]
-    out["ratio_texts"] = out["upsert_texts_per_s"] / out["bare_encoder_texts_per_s"]
-    out["search_with_delta"] = search_latency(client, queries)
-    out.update(visible_and_delete(client))
-    base_images = [f"target-3-{i:06d}" for i in range(base_pairs)]
-    deleted = 0
-    for share in (0.01, 0.10):
-        doomed = base_images[deleted : int(share * base_pairs)]
-        for start in range(0, len(doomed), 256):
-            client.delete_items(doomed[start : start + 256])
-        deleted += len(doomed)
-        out[f"search_with_delta_and_{share:.0%}_tombstones"] = search_latency(client, queries)
-    started = time.perf_counter()  # the same corpus in one snapshot, same (zero-shot) head
-    fit_snapshot(engine.data.root, FitConfig(kind="identity"), progress=False, feedback=False)
-    engine.load_current()
-    out["snapshot_write_seconds"] = time.perf_counter() - started
-    out["search_same_corpus_in_one_snapshot"] = search_latency(client, queries)
-    base = out["search_same_corpus_in_one_snapshot"]["p50_ms"]
-    out["p50_ratio_10%_tombstones_vs_snapshot"] = out["search_with_delta_and_10%_tombstones"]["p50_ms"] / base
-    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from xmodal.client import SearchClient
 """
 
 from ._client import (
+    CompactResult,
     DeleteResult,
     Hit,
     Item,
@@ -39,6 +40,7 @@ __all__ = [
     "NewItem",
     "UpsertResult",
     "DeleteResult",
+    "CompactResult",
     "XmodalError",
     "InvalidArgument",
     "NotFound",

@@ -116,6 +116,17 @@ class DeleteResult:
 
 
 @dataclass(frozen=True)
+class CompactResult:
+    """What a compaction did: the new live snapshot, and what it folded and erased."""
+
+    snapshot_id: str
+    folded_items: int
+    erased_items: int
+    rewritten_snapshots: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Status:
     serving: bool
     snapshot_id: str
@@ -129,6 +140,9 @@ class Status:
     feedback_total: int = 0
     feedback_since_last_refit: int = 0
     refits: list = field(default_factory=list)  # RefitRun, most recent first
+    # the live corpus: {"delta_items", "hidden_items", "pending_erasure",
+    # "last_compaction_snapshot_id", "last_compaction_s"}
+    live_corpus: dict = field(default_factory=dict)
     raw: object = field(repr=False, default=None)
 
 
@@ -410,6 +424,13 @@ class SearchClient:
                 )
                 for x in r.refits
             ],
+            live_corpus={
+                "delta_items": r.live_corpus.delta_items,
+                "hidden_items": r.live_corpus.hidden_items,
+                "pending_erasure": r.live_corpus.pending_erasure,
+                "last_compaction_snapshot_id": r.live_corpus.last_compaction_snapshot_id,
+                "last_compaction_s": r.live_corpus.last_compaction_s,
+            },
             raw=r,
         )
 
@@ -447,7 +468,8 @@ class SearchClient:
 
         Args:
             item_ids: ids to delete (one id may be given as a plain string).
-            purge: erase every trace (not implemented by the server yet: FailedPrecondition).
+            purge: also erase every copy of the items from the server's data directory
+                before answering (the server runs a compaction; see docs/operations.md).
 
         Returns:
             DeleteResult: ``deleted_ids`` and ``unknown_ids``.
@@ -519,6 +541,12 @@ class SearchClient:
                 metadata=self._metadata,
             )
         return _snapshot(r.snapshot, r.snapshot.snapshot_id)
+
+    def compact(self, *, timeout: float | None = None) -> CompactResult:
+        """Fold deltas and deletions into a new live snapshot and erase deleted items (admin role)."""
+        with map_errors(self.target):
+            r = self._admin.Compact(pb.CompactRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
+        return CompactResult(r.snapshot_id, r.folded_items, r.erased_items, r.rewritten_snapshots, r.seconds)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard health check: "SERVING", "NOT_SERVING", ..."""

@@ -1,10 +1,10 @@
 """Online backup of a data directory: a consistent copy while a server keeps writing.
 
-Order matters: the catalog is copied first with SQLite's backup API (one consistent
-state), then the append-only base shards (every shard that state refers to existed before
-it was committed), then CURRENT and the immutable snapshot folders. A shard written after
-the catalog copy is unreferenced in the backup and is removed as debris on first use.
-Restoring is copying the backup folder into place as the data directory.
+The copy is made holding the base store's lock (BaseStore.lock, an flock other processes
+see), so that no compaction rewrites a shard, erases from a snapshot or commits an upsert
+meanwhile: the catalog is copied with SQLite's backup API (one consistent state), then the
+base shards, the image files under ``blobs/``, CURRENT and the snapshot folders. Restoring
+is copying the backup folder into place as the data directory.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from .catalog import Catalog
 from .errors import FailedPrecondition, InvalidArgument
 from .snapshot import DataDir
+from .store import BaseStore
 
 
 def backup(data_dir: str | Path, out: str | Path) -> dict:
@@ -30,6 +32,11 @@ def backup(data_dir: str | Path, out: str | Path) -> dict:
     if out.exists():
         raise InvalidArgument(f"backup target {out} already exists: pass a new folder")
     out.mkdir(parents=True)
+    with BaseStore(data.base, Catalog(data.catalog_path)).lock():
+        return _copy(data, out)
+
+
+def _copy(data: DataDir, out: Path) -> dict:
     source = sqlite3.connect(f"file:{data.catalog_path}?mode=ro", uri=True, timeout=30)
     target = sqlite3.connect(out / "catalog.sqlite")
     try:
@@ -44,10 +51,16 @@ def backup(data_dir: str | Path, out: str | Path) -> dict:
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, destination)
             shards += 1
+    if (data.root / "blobs").is_dir():
+        shutil.copytree(data.root / "blobs", out / "blobs", ignore=shutil.ignore_patterns(".*.tmp"))
     current = data.current_id()
     copied = 0
     for snapshot_id in data.snapshot_ids():
-        shutil.copytree(data.snapshots / snapshot_id, out / "snapshots" / snapshot_id)
+        try:
+            shutil.copytree(data.snapshots / snapshot_id, out / "snapshots" / snapshot_id)
+        except FileNotFoundError:  # pruned meanwhile (the live one is checked below)
+            shutil.rmtree(out / "snapshots" / snapshot_id, ignore_errors=True)
+            continue
         copied += 1
     if current:
         if not (out / "snapshots" / current).is_dir():

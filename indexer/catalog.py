@@ -88,9 +88,26 @@ class Catalog:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA secure_delete=ON")  # erased rows leave zeros, not their bytes
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
+
+    def checkpoint(self, timeout: float = 30.0) -> None:
+        """Copy the WAL into the database and truncate it to zero bytes, so that no earlier
+        version of an erased row survives in it. Retries while readers hold old frames.
+
+        Raises:
+            FailedPrecondition: readers kept the WAL busy for ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            busy, _, _ = self.db().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise FailedPrecondition("could not truncate the catalog's WAL: readers kept it busy; try again")
+            time.sleep(0.05)
 
     def tx(self) -> _Transaction:
         return _Transaction(self.db())
@@ -187,6 +204,14 @@ class Catalog:
             db.executemany(
                 f"UPDATE items SET shard = ?, row = ?, seq = {seq} WHERE id = ?",
                 [(shard, row, item_id) for row, item_id in enumerate(ids)],
+            )
+
+    def move_rows(self, shard: int, ids: Sequence[str]) -> None:
+        """Point items at their rows in a rewritten shard (their ``seq`` stays: the vectors
+        did not change)."""
+        with self.tx() as db:
+            db.executemany(
+                "UPDATE items SET shard = ?, row = ? WHERE id = ?", [(shard, row, i) for row, i in enumerate(ids)]
             )
 
     def set_failed(self, failures: dict[str, str]) -> None:

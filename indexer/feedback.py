@@ -20,6 +20,7 @@ import numpy as np
 
 from .catalog import Catalog, text_hash
 from .corpus import IMAGE, TEXT
+from .errors import NotFound
 from .evaluate import retrieval_metrics
 from .heads import Head
 from .train import PairSet, item_key
@@ -66,9 +67,20 @@ class FeedbackLog:
         source: str,
         split: str,
     ) -> None:
-        """Store one feedback event; durable (WAL, synchronous=FULL) when this returns."""
+        """Store one feedback event; durable (WAL, synchronous=FULL) when this returns.
+
+        Raises:
+            NotFound: an item it names was deleted meanwhile (checked in the same
+                transaction, so no event outlives the erasure of an item it uses).
+        """
         blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
+        named = list(dict.fromkeys([*relevant, *irrelevant, *([query_text] if query_kind == "item_id" else [])]))
         with self.catalog.tx() as db:
+            marks = ",".join("?" * len(named))
+            present = {r[0] for r in db.execute(f"SELECT id FROM items WHERE id IN ({marks})", named)}
+            if len(present) != len(named):
+                gone = [i for i in named if i not in present]
+                raise NotFound(f"unknown item id(s) in feedback: {', '.join(repr(i) for i in gone[:10])}")
             db.execute(
                 "INSERT INTO feedback (id, created_at, query_kind, query_modality, query_text, query_embedding, "
                 "relevant, irrelevant, weight, source, split) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -86,6 +98,32 @@ class FeedbackLog:
                     split,
                 ),
             )
+
+    @staticmethod
+    def forget(db: sqlite3.Connection, item_ids: Sequence[str]) -> int:
+        """Delete (inside the caller's transaction) every event that used one of
+        ``item_ids`` as its query or among its answers; returns how many."""
+        forgotten = 0
+        for start in range(0, len(item_ids), 300):
+            chunk = list(item_ids[start : start + 300])
+            marks = ",".join("?" * len(chunk))
+            forgotten += db.execute(
+                f"DELETE FROM feedback WHERE (query_kind = 'item_id' AND query_text IN ({marks})) "
+                f"OR EXISTS (SELECT 1 FROM json_each(feedback.relevant) WHERE value IN ({marks})) "
+                f"OR EXISTS (SELECT 1 FROM json_each(feedback.irrelevant) WHERE value IN ({marks}))",
+                chunk * 3,
+            ).rowcount
+        return forgotten
+
+    @staticmethod
+    def forget_unknown(db: sqlite3.Connection) -> int:
+        """Delete (inside the caller's transaction) every event that names an item the
+        catalog no longer holds; returns how many."""
+        return db.execute(
+            "DELETE FROM feedback WHERE (query_kind = 'item_id' AND query_text NOT IN (SELECT id FROM items)) "
+            "OR EXISTS (SELECT 1 FROM json_each(feedback.relevant) WHERE value NOT IN (SELECT id FROM items)) "
+            "OR EXISTS (SELECT 1 FROM json_each(feedback.irrelevant) WHERE value NOT IN (SELECT id FROM items))"
+        ).rowcount
 
     def events(self) -> list[sqlite3.Row]:
         return self.catalog.db().execute("SELECT * FROM feedback ORDER BY created_at, id").fetchall()

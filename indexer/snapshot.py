@@ -4,10 +4,18 @@
 and ``<modality>.ids.npy`` (row -> item id). Built in ``snapshots/.tmp-<id>``, fsynced and
 moved into place with os.replace; ``snapshots/CURRENT`` (replaced atomically, last) names
 the live one.
+
+Snapshots are immutable with one exception, erasure: :func:`erase_from_snapshot` rewrites a
+retained snapshot's indexes without items that were deleted (or replaced) since it was
+made, so that no copy of an erased item's vector stays in any of them. The new files are
+written into ``<id>/.rewrite/``, which a ``COMMIT`` file completes; then they replace the
+old ones. A crash before ``COMMIT`` leaves the old files (the folder is removed); after it,
+:meth:`DataDir.clean` finishes the replacement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import os
@@ -15,6 +23,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -102,6 +111,14 @@ class DataDir:
         removed: list[Path] = []
         if not self.snapshots.is_dir():
             return removed
+        for snapshot_id in self.snapshot_ids():
+            rewrite = self.snapshots / snapshot_id / REWRITE
+            if rewrite.is_dir():
+                if (rewrite / COMMIT).is_file():
+                    _finish_rewrite(self.snapshots / snapshot_id)  # roll the erasure forward
+                else:
+                    shutil.rmtree(rewrite)  # roll it back: the old files are whole
+                    removed.append(rewrite)
         for path in sorted(self.snapshots.iterdir()):
             if path.name.startswith(".tmp-") and path.is_dir():
                 lock = path.with_name(path.name + ".lock")
@@ -117,6 +134,66 @@ class DataDir:
                 path.unlink(missing_ok=True)
                 removed.append(path)
         return removed
+
+
+REWRITE = ".rewrite"
+COMMIT = "COMMIT"
+
+
+def erase_from_snapshot(
+    data: DataDir, catalog: Catalog, store: BaseStore, snapshot_id: str, swap_guard: Any = None
+) -> int:
+    """Rewrite a snapshot's indexes without the items it holds that were deleted, or whose
+    vector was replaced, after it was made (a rollback serves the new vector from a delta
+    anyway); returns how many rows went. The head is kept; the kept items are projected
+    again from their base vectors, which are the ones the snapshot was built from."""
+    folder = data.snapshots / snapshot_id
+    manifest = Manifest.read(folder)
+    keep: dict[str, list[tuple[str, int, int, int]]] = {}
+    dropped = 0
+    with store.lock():
+        for modality in MODALITIES:
+            ids = np.load(folder / f"{modality}.ids.npy", allow_pickle=False).tolist()
+            live = {row[0]: row for row in catalog.embedded(modality)}
+            seq = manifest.catalog_seq
+            kept = [live[i] for i in ids if i in live and (seq is None or live[i][3] <= seq)]
+            if len(kept) != len(ids):
+                keep[modality] = kept
+                dropped += len(ids) - len(kept)
+        if not keep:
+            return 0
+        vectors = {m: store.load_rows(m, rows) for m, rows in keep.items()}
+    head = load_head(folder)
+    rewrite = folder / REWRITE
+    shutil.rmtree(rewrite, ignore_errors=True)
+    rewrite.mkdir()
+    counts = dict(manifest.counts)
+    for modality, base in vectors.items():
+        projected = head.project(modality, base.array) if len(base) else np.zeros((0, head.dim_out), np.float32)
+        faiss.write_index(build_index(projected, manifest.faiss_factory), str(rewrite / f"{modality}.faiss"))
+        atomic_save_npy(rewrite / f"{modality}.ids.npy", np.asarray(base.ids, dtype=str))
+        counts[modality] = len(base)
+    manifest.counts = counts
+    manifest.write(rewrite)
+    (rewrite / COMMIT).touch()
+    fsync_dir(rewrite)
+    # readers of this folder (a load in this process, a backup in another) wait for the swap
+    with swap_guard or contextlib.nullcontext(), store.lock():
+        _finish_rewrite(folder)
+    catalog.record_snapshot(manifest)
+    return dropped
+
+
+def _finish_rewrite(folder: Path) -> None:
+    """Move a committed rewrite's files over the snapshot's (idempotent: a crash midway is
+    finished by running it again)."""
+    rewrite = folder / REWRITE
+    for path in sorted(rewrite.iterdir()):
+        if path.name != COMMIT and not path.name.endswith(".tmp"):
+            os.replace(path, folder / path.name)
+    fsync_dir(folder)
+    shutil.rmtree(rewrite)
+    fsync_dir(folder)
 
 
 def _locked(path: Path) -> bool:
@@ -234,6 +311,9 @@ def _build_indexes(tmp: Path, head: Head, vectors: Vectors, factory: str) -> dic
         atomic_save_npy(tmp / f"{modality}.ids.npy", np.asarray(base.ids, dtype=str))
         counts[modality] = len(base)
     return counts
+
+
+KEEP_SNAPSHOTS = 10  # snapshots kept for rollback, by default
 
 
 def prune_snapshots(data: DataDir, keep: int) -> list[str]:

@@ -10,7 +10,7 @@ Roles, each including the ones before it:
 - ``search``: Search, GetItems, GetStatus
 - ``feedback``: + SubmitFeedback
 - ``index``: + IndexService (UpsertItems, DeleteItems: the live corpus)
-- ``admin``: + AdminService (Refit, ListSnapshots, Rollback)
+- ``admin``: + AdminService (Refit, ListSnapshots, Rollback, Compact)
 
 Health checks and server reflection stay open.
 """

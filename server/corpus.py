@@ -12,17 +12,19 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xmodal.indexer.catalog import Catalog, next_seq, split_for, text_hash
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.encoder import Encoder
-from xmodal.indexer.errors import FailedPrecondition, InvalidArgument, XmodalError
+from xmodal.indexer.errors import InvalidArgument, XmodalError
+from xmodal.indexer.feedback import FeedbackLog
 from xmodal.indexer.heads import fsync_dir
 from xmodal.indexer.images import decode_image
 from xmodal.indexer.snapshot import DataDir
@@ -30,6 +32,9 @@ from xmodal.indexer.store import BaseStore
 
 from .limits import Limits
 from .live import LiveView
+
+if TYPE_CHECKING:
+    from .compaction import Compactor
 
 log = logging.getLogger(__name__)
 MAX_ID_CHARS = 512
@@ -98,8 +103,10 @@ class CorpusWrites:
     ):
         self.data, self.catalog, self.store, self.encoder = data, catalog, store, encoder
         self.view, self.limits = view, limits
-        self._lock = threading.Lock()
+        self._blob_writer = ThreadPoolExecutor(1, thread_name_prefix="xmodal-blobs")
+        self.compactor: Compactor | None = None  # set by the engine: purges and first snapshots
         catalog.ensure_schema(TOMBSTONES)
+        FeedbackLog(catalog)  # its table: deletes forget the events that used an item
 
     # -- upserts ---------------------------------------------------------------------------
     def upsert(self, items: list[NewItem]) -> dict[str, int]:
@@ -109,14 +116,16 @@ class CorpusWrites:
             InvalidArgument, ResourceExhausted: naming the offending item; nothing applied.
             FailedPrecondition: no snapshot is loaded yet.
         """
-        self.view.live()
         self._check_batch(items)
-        with self._lock:
+        if self.view.peek() is None and self.compactor is not None:
+            self.compactor.first_snapshot()  # an empty data directory: start with an identity head
+        self.view.live()
+        with self.view.write_lock:
             known = self.catalog.get_items([i.item_id for i in items] + [i.pair_id for i in items if i.pair_id])
             self._check_pairs(items, known)
             fresh = [i for i in items if i.item_id not in known or known[i.item_id]["content_hash"] != i.content_hash]
-            vectors = self._encode(fresh)
-            counts = self._apply(items, fresh, vectors, known)
+            vectors, blobs = self._encode(fresh)
+            counts = self._apply(items, fresh, vectors, known, blobs)
         log.info("upserted %d item(s): %s", len(items), counts)
         return counts
 
@@ -168,8 +177,10 @@ class CorpusWrites:
                     "a pair joins an image and a text"
                 )
 
-    def _encode(self, items: list[NewItem]) -> dict[str, np.ndarray]:
-        """Base vectors of the items to (re)embed, by modality, in the items' order."""
+    def _encode(self, items: list[NewItem]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Base vectors of the items to (re)embed, by modality, in the items' order; and the
+        image files (item id -> path under the data directory), written while the encoder
+        runs once every image has decoded."""
         texts = [i.text or "" for i in items if i.modality == TEXT]
         images = []
         for item in items:
@@ -178,10 +189,14 @@ class CorpusWrites:
                     images.append(decode_image(item.image or b"", max_pixels=self.limits.max_pixels))
                 except XmodalError as exc:  # undecodable, or past the pixel limit
                     raise type(exc)(f"item {item.item_id!r}: {exc}") from None
-        return {
+        written = self._blob_writer.submit(
+            lambda: {i.item_id: self._write_blob(i.image, i.content_hash) for i in items if i.image is not None}
+        )
+        vectors = {
             TEXT: self.encoder.encode_texts(texts) if texts else np.zeros((0, self.encoder.dim), np.float32),
             IMAGE: self.encoder.encode_images(images),
         }
+        return vectors, written.result()
 
     def _write_blob(self, data: bytes, content_hash: str) -> str:
         """Image bytes under blobs/, content-addressed; returns the path relative to the data directory."""
@@ -198,14 +213,29 @@ class CorpusWrites:
             fsync_dir(path.parent)
         return relative
 
-    def _apply(self, items: list[NewItem], fresh: list[NewItem], vectors: dict[str, np.ndarray], known: dict) -> dict:
-        """Shards and blobs first, then one catalog transaction, then the live view."""
-        shards = {m: self.store.write_shard(m, vectors[m]) if len(vectors[m]) else None for m in (IMAGE, TEXT)}
+    def _apply(
+        self,
+        items: list[NewItem],
+        fresh: list[NewItem],
+        vectors: dict[str, np.ndarray],
+        known: dict,
+        blobs: dict[str, str],
+    ) -> dict:
+        """Shards (and blobs) first, then one catalog transaction, then the live view."""
+        with self.store.lock():  # no compaction drops the new shards before the catalog names them
+            shards = {m: self.store.write_shard(m, vectors[m]) if len(vectors[m]) else None for m in (IMAGE, TEXT)}
+            counts = self._commit(items, fresh, known, blobs, shards)
+        by_modality = {m: [i.item_id for i in fresh if i.modality == m] for m in (IMAGE, TEXT)}
+        self.view.apply_upsert({m: (by_modality[m], vectors[m]) for m in (IMAGE, TEXT)})
+        return counts
+
+    def _commit(
+        self, items: list[NewItem], fresh: list[NewItem], known: dict, blobs: dict[str, str], shards: dict
+    ) -> dict:
         placed: dict[str, tuple[int | None, int]] = {}
         for modality in (IMAGE, TEXT):
             for row, item in enumerate(i for i in fresh if i.modality == modality):
                 placed[item.item_id] = (shards[modality], row)
-        blobs = {i.item_id: self._write_blob(i.image, i.content_hash) for i in fresh if i.image is not None}
         counts = {"added": 0, "changed": 0, "unchanged": len(items) - len(fresh), "pairs_added": 0}
         with self.catalog.tx() as db:
             seq = next_seq(db)
@@ -234,8 +264,6 @@ class CorpusWrites:
                 )
                 db.execute("DELETE FROM tombstones WHERE id = ?", (item.item_id,))
             counts["pairs_added"] = self._add_pairs(db, items)
-        by_modality = {m: [i.item_id for i in fresh if i.modality == m] for m in (IMAGE, TEXT)}
-        self.view.apply_upsert({m: (by_modality[m], vectors[m]) for m in (IMAGE, TEXT)})
         return counts
 
     @staticmethod
@@ -254,29 +282,28 @@ class CorpusWrites:
 
     # -- deletes ---------------------------------------------------------------------------
     def delete(self, item_ids: list[str], *, purge: bool = False) -> tuple[list[str], list[str]]:
-        """Delete items: gone from the catalog and hidden from every snapshot at once.
+        """Delete items: gone from the catalog (with the feedback events that used them) and
+        hidden from every snapshot at once; with ``purge``, also erased from every file of
+        the data directory before this returns (a compaction), else at the next compaction.
 
         Returns:
             (deleted ids, unknown ids).
 
         Raises:
             InvalidArgument: no ids, an empty id. ResourceExhausted: too many ids.
-            FailedPrecondition: ``purge`` (erasure of every copy is not available yet).
         """
-        if purge:
-            raise FailedPrecondition(
-                "purge (erasing every copy of the items) is not available yet: delete without "
-                "purge hides the items from every search and GetItems at once"
-            )
         if not item_ids:
             raise InvalidArgument("item_ids is empty: pass the ids to delete")
         self.limits.at_most("max_upsert_items", len(item_ids), "ids in one call", "send smaller batches")
         for item_id in item_ids:
             check_item_id(item_id)
-        with self._lock:
+        with self.view.write_lock:
             deleted = self._delete_rows(list(dict.fromkeys(item_ids)))
-            self.view.apply_delete(deleted)
-        log.info("deleted %d item(s)", len(deleted))
+            if self.view.peek() is not None:
+                self.view.apply_delete(deleted)
+        log.info("deleted %d item(s)%s", len(deleted), " (purging)" if purge else "")
+        if purge and self.compactor is not None:
+            self.compactor.compact("purge")
         return deleted, [i for i in dict.fromkeys(item_ids) if i not in set(deleted)]
 
     def _delete_rows(self, item_ids: list[str]) -> list[str]:
@@ -288,6 +315,7 @@ class CorpusWrites:
                 marks = ",".join("?" * len(existing))
                 db.execute(f"DELETE FROM pairs WHERE image_id IN ({marks}) OR text_id IN ({marks})", existing * 2)
                 db.execute(f"DELETE FROM items WHERE id IN ({marks})", existing)
+                FeedbackLog.forget(db, existing)
                 now = time.time()
                 db.executemany(
                     "INSERT OR REPLACE INTO tombstones (id, seq, deleted_at) VALUES (?, ?, ?)",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 from pathlib import Path
 
 from xmodal.indexer import world
@@ -61,7 +59,7 @@ def _captions(corpus: Path) -> dict[str, str]:
 
 def run_demo(*, data: str = "demo-data", port: int = ServeConfig.port, once: bool = False, n: int = 2000) -> int:
     from xmodal.client import SearchClient
-    from xmodal.server.service import Server
+    from xmodal.server.service import Server, wait_for_stop_signal
 
     root = Path(data).resolve()
     corpus = world.write_corpus(root / "corpus", n=n, seed=0, style=STYLE, image_size=64)
@@ -92,10 +90,7 @@ def run_demo(*, data: str = "demo-data", port: int = ServeConfig.port, once: boo
         f"  xmodal search --server {server.address} --text '{captions[held_out[0]]}'\n"
         "press Ctrl-C to stop"
     )
-    stopping = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    stopping.wait()
+    wait_for_stop_signal()
     server.stop(grace=2)
     return 0
 

@@ -5,7 +5,8 @@ It composes one small class per job over one data directory:
 - :class:`~.live.LiveView`: the live state's lifecycle (load, watch, swap; deltas, hidden ids);
 - :class:`~.query.QueryPath`: the read path (encode, search, merge, hits, item lookup);
 - :class:`~.intake.FeedbackIntake`: feedback events from clients;
-- :class:`~.corpus.CorpusWrites`: the live corpus (UpsertItems, DeleteItems).
+- :class:`~.corpus.CorpusWrites`: the live corpus (UpsertItems, DeleteItems);
+- :class:`~.compaction.Compactor`: folds deltas and deletions into snapshots, and erases.
 
 The servicers use those parts; the few methods here are the shortcuts the CLI, the
 benchmarks and the tests call.
@@ -19,9 +20,10 @@ from pathlib import Path
 from xmodal.indexer.catalog import Catalog
 from xmodal.indexer.corpus import MODALITIES
 from xmodal.indexer.encoder import Encoder
-from xmodal.indexer.snapshot import DataDir, Snapshot
+from xmodal.indexer.snapshot import KEEP_SNAPSHOTS, DataDir, Snapshot
 from xmodal.indexer.store import BaseStore
 
+from .compaction import Compactor
 from .config import version
 from .corpus import CorpusWrites
 from .intake import FeedbackIntake
@@ -33,7 +35,14 @@ from .query import Hit, ItemRecord, QueryPath, SearchResult
 class SearchEngine:
     """One data directory served: its catalog, base store, live view, read path and intake."""
 
-    def __init__(self, data_dir: str | Path, encoder: Encoder, *, limits: Limits | None = None):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        encoder: Encoder,
+        *,
+        limits: Limits | None = None,
+        keep_snapshots: int = KEEP_SNAPSHOTS,
+    ):
         self.data = DataDir(data_dir)
         self.data.create()
         self.encoder = encoder
@@ -45,6 +54,8 @@ class SearchEngine:
         self.queries = QueryPath(self.view, encoder, self.catalog, self.limits)
         self.intake = FeedbackIntake(self.catalog, self.store, self.queries, self.limits)
         self.corpus = CorpusWrites(self.data, self.catalog, self.store, encoder, self.view, self.limits)
+        self.compactor = Compactor(self.data, self.catalog, self.store, encoder, self.view, keep_snapshots)
+        self.corpus.compactor = self.compactor
         # shortcuts to the parts' main calls
         self.search = self.queries.search
         self.get_items = self.queries.get_items
@@ -61,6 +72,7 @@ class SearchEngine:
         return self.view.snapshot
 
     def close(self) -> None:
+        self.compactor.close()
         self.view.close()
 
     def status(self) -> dict:
@@ -75,6 +87,20 @@ class SearchEngine:
             "uptime_s": time.time() - self.started,
             "max_k": self.limits.max_k,
             "data_dir": str(self.data.root),
+            "live_corpus": self._live_corpus(state),
+        }
+
+    def _live_corpus(self, state) -> dict:
+        from .corpus import TOMBSTONES
+
+        self.catalog.ensure_schema(TOMBSTONES)
+        last = self.compactor.last
+        return {
+            "delta_items": sum(len(d) for d in state.deltas.values()) if state else 0,
+            "hidden_items": len(state.hidden) if state else 0,
+            "pending_erasure": self.catalog.db().execute("SELECT COUNT(*) FROM tombstones").fetchone()[0],
+            "last_compaction_snapshot_id": last.snapshot_id if last else "",
+            "last_compaction_s": last.seconds if last else 0.0,
         }
 
 

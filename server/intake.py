@@ -60,10 +60,10 @@ class FeedbackIntake:
                 raise InvalidArgument("item_id is empty: pass the id of an indexed item")
             if item_id not in rows:
                 raise NotFound(f"unknown query item id {item_id!r}")
-            modality, shard, row = rows[item_id]
-            if shard is None or row is None:
+            found = self.store.item_vector(item_id)
+            if found is None:
                 raise FailedPrecondition(f"item {item_id!r} has no embedding yet (not indexed, or undecodable)")
-            base = self.store.vector(modality, shard, row)
+            modality, base = found
             kind, query_text = "item_id", item_id
         else:
             modality, base = self.queries.encode_query(text=text, image=image)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,12 @@ class LiveView:
         self.store = store
         self._state: LiveState | None = None
         self._swap_lock = threading.Lock()
+        # Held by corpus writes from their catalog read to their view update, and by every
+        # load (catalog read to swap): a load never misses a write acknowledged meanwhile.
+        self.write_lock = threading.RLock()
+        # One snapshot writer at a time: refits and compactions (and purges, which compact).
+        self.snapshot_writes = threading.Lock()
+        self.dirty_since: float | None = None  # when the live state first differed from its snapshot
         self._listeners: list[Callable[[Snapshot | None], None]] = []
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
@@ -165,8 +172,15 @@ class LiveView:
         listener(self.snapshot)
 
     def clean_debris(self) -> list[Path]:
-        """Remove temporary files of interrupted snapshot writes; log what was removed."""
-        removed = self.data.clean()
+        """Remove what interrupted writes left: unfinished snapshots and erasures, shards
+        no catalog row names, half-written image files; log what was removed."""
+        removed = self.data.clean() + self.store.clean()
+        blobs = self.data.root / "blobs"
+        if blobs.is_dir():
+            with self.write_lock:
+                for path in blobs.rglob(".*.tmp"):
+                    path.unlink()
+                    removed.append(path)
         for path in removed:
             log.warning("removed debris of an unfinished write: %s", path.name)
         return removed
@@ -183,18 +197,21 @@ class LiveView:
             return False
         return self.load_snapshot(wanted)
 
-    def load_snapshot(self, snapshot_id: str) -> bool:
-        """Make ``snapshot_id`` the live snapshot (CURRENT is not touched).
+    def load_snapshot(self, snapshot_id: str, *, force: bool = False) -> bool:
+        """Make ``snapshot_id`` the live snapshot (CURRENT is not touched); ``force`` loads
+        it again when it is live already (its files were rewritten by an erasure).
 
         Raises:
             NotFound: no such snapshot. FailedPrecondition: built with another encoder.
         """
-        with self._swap_lock:
+        with self.write_lock, self._swap_lock:
             current = self.snapshot
-            if current is not None and current.id == snapshot_id:
+            if current is not None and current.id == snapshot_id and not force:
                 return False
             snapshot = self.open_snapshot(snapshot_id)
-            self._state = self._catch_up(snapshot)  # the swap: one reference assignment
+            state = self._catch_up(snapshot)
+            self._state = state  # the swap: one reference assignment
+            self.dirty_since = time.time() if state.hidden or any(len(d) for d in state.deltas.values()) else None
             log.info("live snapshot is now %s (%s head, %s)", snapshot.id, snapshot.head.kind, snapshot.manifest.counts)
         for listener in self._listeners:
             listener(snapshot)
@@ -229,10 +246,11 @@ class LiveView:
         for modality in MODALITIES:
             index = snapshot.indexes[modality]
             after = snapshot.manifest.catalog_seq
-            rows = self.catalog.embedded(modality, after if after is not None else -1)
-            if snapshot.manifest.catalog_seq is None:  # made before the live corpus: what it lacks
-                rows = [r for r in rows if r[0] not in index.rows]
-            base = self.store.load_rows(modality, rows)
+            with self.store.lock():
+                rows = self.catalog.embedded(modality, after if after is not None else -1)
+                if snapshot.manifest.catalog_seq is None:  # made before the live corpus: what it lacks
+                    rows = [r for r in rows if r[0] not in index.rows]
+                base = self.store.load_rows(modality, rows)
             projected = (
                 snapshot.head.project(modality, base.array)
                 if len(base)
@@ -240,7 +258,8 @@ class LiveView:
             )
             deltas[modality] = DeltaIndex(base.ids, projected)
             replaced.update(i for i in base.ids if i in index.rows)
-        return LiveState.build(snapshot, deltas, frozenset(replaced | tombstoned(self.catalog)))
+        deleted = {i for i in tombstoned(self.catalog) if any(i in index.rows for index in snapshot.indexes.values())}
+        return LiveState.build(snapshot, deltas, frozenset(replaced | deleted))
 
     def apply_upsert(self, written: dict[str, tuple[list[str], np.ndarray]]) -> None:
         """Serve newly written items (base vectors by modality) from the deltas."""
@@ -263,6 +282,7 @@ class LiveView:
                     or any(i in state.snapshot.indexes[m].rows for m in other)
                 }
             self._state = LiveState.build(state.snapshot, deltas, frozenset(hidden))
+            self.dirty_since = self.dirty_since or time.time()
 
     def apply_delete(self, item_ids: list[str]) -> None:
         """Stop serving deleted items, from the deltas and from the snapshot."""
@@ -271,7 +291,9 @@ class LiveView:
         with self._swap_lock:
             state = self.state()
             deltas = {m: d.replaced(item_ids, None) for m, d in state.deltas.items()}
-            self._state = LiveState.build(state.snapshot, deltas, state.hidden | frozenset(item_ids))
+            held = {i for i in item_ids if any(i in index.rows for index in state.snapshot.indexes.values())}
+            self._state = LiveState.build(state.snapshot, deltas, state.hidden | held)
+            self.dirty_since = self.dirty_since or time.time()
 
     def watch(self, interval: float = 2.0) -> None:
         """Poll CURRENT in a background thread and swap when it changes."""

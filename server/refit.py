@@ -31,7 +31,7 @@ from xmodal.indexer.errors import FailedPrecondition, InvalidArgument
 from xmodal.indexer.feedback import FeedbackLog
 from xmodal.indexer.heads import TRAINABLE_KINDS
 from xmodal.indexer.manifest import Manifest
-from xmodal.indexer.snapshot import Snapshot, prune_snapshots, write_snapshot
+from xmodal.indexer.snapshot import KEEP_SNAPSHOTS, Snapshot, prune_snapshots, write_snapshot
 from xmodal.indexer.train import FitConfig
 from xmodal.indexer.vectors import Vectors, load_vectors
 
@@ -54,7 +54,7 @@ class RefitPolicy:
     tolerance: float = 0.01  # how much worse than live a new head may validate
     feedback_weight: float = 1.0  # multiplies each event's own weight
     hard_negative_weight: float = FitConfig.hard_negative_weight  # an irrelevant item: this many negatives
-    keep_snapshots: int = 10
+    keep_snapshots: int = KEEP_SNAPSHOTS
     full_every: int = 10  # in auto mode, a full refit after this many query ones
     epochs: int = 40
     batch_size: int = 64  # small batches: feedback sets are small, steps matter
@@ -91,6 +91,8 @@ class Refitter:
         self._thread: threading.Thread | None = None
         self._scheduler: threading.Thread | None = None
         self._stop = threading.Event()
+        engine.compactor.keep_snapshots = self.policy.keep_snapshots
+        self._pairs_tried = 0  # train pairs when a first head was last tried (see _due)
         self.runs = RefitRuns(engine.catalog)
         self.feedback = FeedbackLog(engine.catalog)
         for run_id in self.runs.interrupt_running():
@@ -130,7 +132,8 @@ class Refitter:
     def _run(self, run_id: str, mode: str) -> None:
         started = time.perf_counter()
         try:
-            outcome = self._refit(run_id, mode)
+            with self.engine.view.snapshot_writes:  # not beside a compaction (see server.compaction)
+                outcome = self._refit(run_id, mode)
         except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the live snapshot stays
             log.exception("refit %s failed", run_id)
             outcome = {"state": "failed", "mode": mode, "message": f"{type(exc).__name__}: {exc}"}
@@ -246,9 +249,8 @@ class Refitter:
 
     # -- schedule --------------------------------------------------------------------------
     def schedule(self, check_every: float = 1.0) -> None:
-        """Start the background scheduler (a no-op when the policy sets no trigger)."""
-        if self.policy.interval_s is None and self.policy.after_feedback is None:
-            return
+        """Start the background scheduler: the policy's triggers, and a first head once a
+        data directory that started without pairs (identity head) has enough of them."""
 
         def loop():
             while not self._stop.wait(check_every):
@@ -262,7 +264,12 @@ class Refitter:
         self._scheduler.start()
 
     def _due(self) -> bool:
-        """Due on the timer (when there is new feedback to learn from) or on the count."""
+        """Due for a first head (see :meth:`_first_head_due`), on the timer (when there is
+        new feedback to learn from) or on the count."""
+        if self._first_head_due():
+            return True
+        if self.policy.interval_s is None and self.policy.after_feedback is None:
+            return False
         last = self.runs.last_started()
         new = self.feedback.count(since=last)
         if (
@@ -272,6 +279,19 @@ class Refitter:
         ):
             return True
         return self.policy.after_feedback is not None and new >= self.policy.after_feedback
+
+    def _first_head_due(self) -> bool:
+        """The live head is an identity one, and the corpus has gained enough train pairs
+        to fit one (``min_pairs``; tried again only after the pairs grew by half)."""
+        live = self.engine.snapshot
+        if live is None or live.head.kind != "identity":
+            return False
+        pairs = self.engine.catalog.count_pairs()["train"]
+        if pairs < self.policy.min_pairs or pairs < 1.5 * self._pairs_tried:
+            return False
+        self._pairs_tried = pairs
+        log.info("%d train pairs and an identity head: fitting a first head", pairs)
+        return True
 
     def close(self) -> None:
         self._stop.set()

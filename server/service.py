@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
+import threading
 import time
 from concurrent import futures
 from datetime import datetime, timezone
@@ -138,6 +140,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 pb.ModalityCount(modality=_TO_PROTO[m], catalog_items=c["catalog_items"], indexed=c["indexed"])
                 for m, c in status["counts"].items()
             ],
+            live_corpus=pb.LiveCorpus(**status["live_corpus"]),
         )
 
     def _feedback_counts(self) -> pb.FeedbackCounts:
@@ -238,12 +241,24 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         if request.snapshot_id not in data.snapshot_ids():
             raise NotFound(f"no snapshot {request.snapshot_id!r}; ListSnapshots shows the ones kept")
         previous = data.current_id()
-        self.engine.open_snapshot(request.snapshot_id)  # refuse what this server cannot serve, before CURRENT moves
-        # CURRENT first, then the swap: the snapshot watcher only ever loads what CURRENT names.
-        data.set_current(request.snapshot_id)
-        self.engine.load_current()
+        with self.engine.view.write_lock:  # not while an erasure swaps the snapshot's files
+            self.engine.open_snapshot(request.snapshot_id)  # refuse what this server cannot serve, before CURRENT moves
+            # CURRENT first, then the swap: the snapshot watcher only ever loads what CURRENT names.
+            data.set_current(request.snapshot_id)
+            self.engine.load_current()
         log.info("rolled back to snapshot %s (was %s)", request.snapshot_id, previous)
         return pb.RollbackResponse(snapshot=snapshot_info(self.engine.view.live().manifest))
+
+    @rpc
+    def Compact(self, request, context):
+        report = self.engine.compactor.compact("requested")
+        return pb.CompactResponse(
+            snapshot_id=report.snapshot_id,
+            folded_items=report.folded_items,
+            erased_items=report.erased_items,
+            rewritten_snapshots=report.rewritten_snapshots,
+            seconds=report.seconds,
+        )
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -404,3 +419,19 @@ class Server:
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
+
+
+def wait_for_stop_signal() -> None:
+    """Block the main thread until SIGTERM or SIGINT."""
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received %s: finishing calls in flight, then stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # Wake up now and then: the kernel may deliver the signal to another thread, and Python
+    # runs its handler only when the main thread runs, which an untimed wait never does.
+    while not stopping.wait(0.2):
+        pass

@@ -95,7 +95,9 @@ def test_serve_limits_are_configurable(indexed, tmp_path):
         proc.wait(timeout=30)
 
 
-COMMAND_NAMES = "demo index fit eval serve backup keys feedback refit snapshots search status upsert delete".split()
+COMMAND_NAMES = (
+    "demo index fit eval serve backup keys feedback refit snapshots search status upsert delete compact".split()
+)
 
 
 def test_help_lists_every_command_and_each_command_has_help(capsys):

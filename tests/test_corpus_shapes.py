@@ -74,3 +74,70 @@ def test_a_head_is_fitted_once_enough_pairs_exist(tmp_path, world_corpus):
     assert "identity head" in first.stdout
     second = index(write_manifest(tmp_path / "b.jsonl", world_corpus, images=200, texts=200, pairs=200), data)
     assert "mlp head" in second.stdout and "pairs added: 200" in second.stdout
+
+
+def upsert(address: str, manifest: Path) -> subprocess.CompletedProcess:
+    cmd = xmodal_cmd("upsert", "--server", address, str(manifest), "--no-progress")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=OFFLINE)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("shape", "images", "texts"), [("texts-only", 0, N), ("images-only", N, 0), ("unpaired", N, N)]
+)
+def test_an_empty_data_directory_serves_and_grows_by_upserts(tmp_path, world_corpus, shape, images, texts):
+    """`xmodal serve` on an empty folder serves at once (identity head, no items) and takes
+    every corpus shape through `xmodal upsert`; each item is found by its own content."""
+    from xmodal import client as xc
+
+    from test_crash import start_server
+
+    proc, address = start_server(tmp_path / "data", tmp_path, "--model", "xmodal-demo")
+    try:
+        with xc.SearchClient(address, timeout=60) as client:
+            client.wait_until_serving(timeout=60)
+            assert client.search(text="anything", k=3).hits == []
+            assert [s.head_kind for s in client.list_snapshots()] == ["identity"]
+            upsert(address, write_manifest(tmp_path / "m.jsonl", world_corpus, images=images, texts=texts))
+            first = records(world_corpus, 1)[0]
+            if texts:
+                assert client.search(text=first["caption"], target="text", k=1).hits[0].item_id == "txt-0"
+            if images:
+                image = (world_corpus / first["image"]).read_bytes()
+                assert client.search(image=image, target="image", k=1).hits[0].item_id == "img-0"
+            counts = client.status().counts
+            assert counts["image"]["indexed"] == images and counts["text"]["indexed"] == texts
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_served_empty_directory_fits_a_head_once_upserted_pairs_suffice(tmp_path, world_corpus):
+    import time
+
+    from xmodal import client as xc
+
+    from test_crash import start_server
+
+    proc, address = start_server(tmp_path / "data", tmp_path, "--model", "xmodal-demo")
+    try:
+        with xc.SearchClient(address, timeout=60) as client:
+            client.wait_until_serving(timeout=60)
+            upsert(address, write_manifest(tmp_path / "few.jsonl", world_corpus, images=20, texts=20, pairs=20))
+            time.sleep(3)  # the scheduler looks every second: 20 pairs are not enough
+            assert {s.head_kind for s in client.list_snapshots()} == {"identity"}
+            upsert(address, write_manifest(tmp_path / "m.jsonl", world_corpus, images=200, texts=200, pairs=200))
+            deadline = time.monotonic() + 300
+            while "mlp" not in {s.head_kind for s in client.list_snapshots()}:
+                assert time.monotonic() < deadline, [r.message for r in client.status().refits]
+                time.sleep(1)
+            live = [s for s in client.list_snapshots() if s.live][0]
+            assert live.head_kind == "mlp"
+            caption = records(world_corpus, 150)[149]["caption"]
+            assert client.search(text=caption, target="text", k=1).hits[0].item_id == "txt-149"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

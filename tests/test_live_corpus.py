@@ -179,14 +179,14 @@ def test_a_bad_item_rejects_its_whole_batch(live, case):
     assert "ok#text" not in live.ids(text=CAPTION, target="text")
 
 
-def test_batch_limits_and_purge(live):
+def test_batch_limits(live):
     too_many = [pb.NewItem(item_id=f"n{i}", text="x") for i in range(257)]
     with pytest.raises(grpc.RpcError) as error:
         live.upsert(*too_many)
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "257" in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
-        live.delete("source-1-000001", purge=True)
-    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "purge" in error.value.details()
+        live.delete(*[f"n{i}" for i in range(257)])
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.mark.parametrize(
@@ -216,9 +216,10 @@ def test_writing_the_corpus_needs_the_index_or_admin_role(tmp_path, indexed, enc
 
 
 @pytest.mark.slow
-def test_upserts_and_deletes_killed_at_random_points(indexed, encoder, tmp_path):
-    """SIGKILL while 4 clients upsert 3-item batches and delete earlier ones: every
-    acknowledged batch is whole and found after a restart, every acknowledged delete stays."""
+def test_upserts_deletes_and_compactions_killed_at_random_points(indexed, encoder, tmp_path):
+    """SIGKILL, 20 seeded times, while 4 clients upsert 3-item batches and delete earlier
+    ones and a fifth compacts: every acknowledged batch is whole and found after a restart,
+    every acknowledged delete stays, no temporary file is left."""
     import random
     import signal
     import threading
@@ -235,9 +236,19 @@ def test_upserts_and_deletes_killed_at_random_points(indexed, encoder, tmp_path)
     acked_deletes: list[str] = []
     tried_deletes: set[str] = set()  # sent; applied or not when the server died before answering
     lock = threading.Lock()
-    for trial in range(5):
+    compactions = []
+    for trial in range(20):
         proc, address = start_server(data, tmp_path)
         stop = threading.Event()
+
+        def compactor(address=address, stop=stop):
+            with xc.SearchClient(address, timeout=30) as client:
+                while not stop.wait(rng.uniform(0.05, 0.3)):
+                    try:
+                        compactions.append("sent")  # killed mid-compaction, or acknowledged:
+                        compactions.append(client.compact().snapshot_id)
+                    except xc.XmodalError:
+                        return
 
         def writer(n: int, address=address, stop=stop, trial=trial):
             with xc.SearchClient(address, timeout=10) as client:
@@ -259,15 +270,19 @@ def test_upserts_and_deletes_killed_at_random_points(indexed, encoder, tmp_path)
                     i += 1
 
         threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        threads.append(threading.Thread(target=compactor))
         for thread in threads:
             thread.start()
-        time.sleep(rng.uniform(0.5, 2.0))
+        time.sleep(rng.uniform(0.3, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         stop.set()
         for thread in threads:
             thread.join()
     engine = SearchEngine(data, encoder)
+    engine.clean_debris()  # what a server does on start
+    leftovers = [p for p in data.rglob("*") if p.name.startswith((".tmp", ".rewrite")) or p.name.endswith(".tmp")]
+    assert leftovers == []
     engine.load_current()
     state = engine.view.state()
     deleted = set(acked_deletes)
@@ -277,7 +292,8 @@ def test_upserts_and_deletes_killed_at_random_points(indexed, encoder, tmp_path)
                 assert state.find(item_id) is None, f"acknowledged delete of {item_id} undone"
             elif item_id not in tried_deletes:
                 assert state.find(item_id) is not None, f"acknowledged upsert of {item_id} lost"
-    assert len(acked_batches) >= 12 and len(deleted) >= 4
+    assert len(acked_batches) >= 40 and len(deleted) >= 10
+    assert compactions.count("sent") >= 20 and len(compactions) - compactions.count("sent") >= 5
     stored = {r[0] for r in engine.catalog.db().execute("SELECT id FROM items WHERE id LIKE 't%-w%'")}
     by_batch = {item_id.rsplit("-", 1)[0] for item_id in stored}
     for prefix in by_batch:  # a batch is there whole (less its acknowledged delete) or not at all

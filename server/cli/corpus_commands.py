@@ -161,7 +161,9 @@ class DeleteCommand(ClientCommand):
         parser.add_argument("ids", nargs="*", metavar="ID", help="ids of the items to delete")
         parser.add_argument("--file", metavar="IDS", help="a file of ids, one per line (blank lines skipped)")
         parser.add_argument(
-            "--purge", action="store_true", help="erase every trace of the items (refused until the server has it)"
+            "--purge",
+            action="store_true",
+            help="also erase every copy of the items from the data directory before answering",
         )
         _add_batch_size_arg(parser, "ids")
         add_client_args(parser)

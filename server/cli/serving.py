@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
-import signal
-import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from xmodal.server.config import ServeConfig
@@ -29,6 +30,28 @@ def build_engine(
     engine.clean_debris()
     engine.load_current()
     return engine
+
+
+@contextlib.contextmanager
+def serving_lock(data: str, instead: str | None = None) -> Iterator[None]:
+    """Hold an flock on ``<data>/serve.lock`` (released when the process dies, even by
+    SIGKILL): shared by servers, exclusive (``instead`` given) for offline maintenance that
+    must not run beside a server.
+
+    Raises:
+        FailedPrecondition: exclusive, and a server holds it; ``instead`` says what to do.
+    """
+    from xmodal.indexer.errors import FailedPrecondition
+    from xmodal.indexer.snapshot import DataDir
+
+    folder = DataDir(data)
+    folder.create()
+    with open(folder.root / "serve.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH if instead is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FailedPrecondition(f"a server is running on data directory {Path(data).name!r}: {instead}") from None
+        yield
 
 
 SERVE_FLAGS: tuple[FieldFlag, ...] = (  # ServeConfig's fields, one flag each
@@ -66,6 +89,24 @@ LIMIT_FLAGS: tuple[FieldFlag, ...] = (  # Limits' fields
     ),
 )
 
+COMPACTION_FLAGS: tuple[FieldFlag, ...] = (  # CompactionPolicy's fields
+    (
+        "--compact-delta-items",
+        "max_delta_items",
+        "compact when this many upserted items wait in deltas (default %(default)s; 0 = never)",
+    ),
+    (
+        "--compact-deleted",
+        "max_deleted",
+        "compact when this many deleted or replaced items wait to be erased (default %(default)s; 0 = never)",
+    ),
+    (
+        "--compact-age",
+        "max_age_s",
+        "compact when the oldest change not yet compacted is this many seconds old (default %(default)s; 0 = never)",
+    ),
+)
+
 SCHEDULE_FLAGS: tuple[FieldFlag, ...] = (  # RefitPolicy's timing, besides REFIT OPTIONS
     ("--refit-interval", "interval_s", "refit every N seconds when there is new feedback (default: off)"),
     ("--refit-after", "after_feedback", "refit after M new feedback events (default: off)"),
@@ -74,6 +115,12 @@ SCHEDULE_FLAGS: tuple[FieldFlag, ...] = (  # RefitPolicy's timing, besides REFIT
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(**field_values(args, SERVE_FLAGS))
+
+
+def compaction_policy(args: argparse.Namespace):
+    from xmodal.server.compaction import CompactionPolicy
+
+    return CompactionPolicy(**field_values(args, COMPACTION_FLAGS))
 
 
 def limits(args: argparse.Namespace):
@@ -103,6 +150,7 @@ class ServeCommand(Command):
     help = "run the gRPC server on a data directory"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from xmodal.server.compaction import CompactionPolicy
         from xmodal.server.limits import Limits
         from xmodal.server.refit import RefitPolicy
 
@@ -111,6 +159,7 @@ class ServeCommand(Command):
         parser.add_argument("--port-file", default=None, help="write the bound port to this file once serving")
         add_model_args(parser, default_from_data=True)
         add_field_flags(parser, Limits, LIMIT_FLAGS)
+        add_field_flags(parser, CompactionPolicy, COMPACTION_FLAGS)
         add_field_flags(parser, RefitPolicy, SCHEDULE_FLAGS)
         add_refit_args(parser)
         _add_security_args(parser)
@@ -122,26 +171,30 @@ class ServeCommand(Command):
             raise usage_error(args, "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
         serve_config(args)  # each raises InvalidArgument on a bad value, before the encoder loads
         limits(args)
+        compaction_policy(args)
         policy(args)
 
     def run(self, args: argparse.Namespace) -> int:
+        with serving_lock(args.data):
+            return self._serve(args)
+
+    def _serve(self, args: argparse.Namespace) -> int:
         from xmodal.server.refit import Refitter
 
         config = serve_config(args)
         model, pretrained = model_args(args, Path(args.data))
         engine = build_engine(args.data, model, pretrained, args.threads, limits(args), args.allow_pickle)
         refitter = Refitter(engine, policy(args))
-        if engine.snapshot is None:
-            log.warning(
-                "no snapshot in %s yet: health is NOT_SERVING and searches fail with FAILED_PRECONDITION "
-                "until one is indexed (picked up without a restart)",
-                engine.data.root,
-            )
+        if engine.snapshot is None:  # an empty data directory: serve it, empty, and take upserts
+            engine.compactor.first_snapshot()
+        engine.compactor.schedule(compaction_policy(args))
         engine.watch(config.watch_interval)
         server = _start_server(args, config, engine, refitter)
         if args.port_file:
             _write_port_file(args.port_file, server.port)
-        _wait_for_stop_signal()
+        from xmodal.server.service import wait_for_stop_signal
+
+        wait_for_stop_signal()
         server.stop(grace=config.grace)
         log.info("stopped")
         return 0
@@ -193,19 +246,6 @@ def _write_port_file(path: str, port: int) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(str(port))
     os.replace(tmp, path)
-
-
-def _wait_for_stop_signal() -> None:
-    """Block until SIGTERM or SIGINT."""
-    stopping = threading.Event()
-
-    def on_signal(signum, frame):
-        log.info("received %s: finishing calls in flight, then stopping", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
 
 
 COMMANDS = (ServeCommand(),)

@@ -1,5 +1,5 @@
 """Commands on a data directory's snapshots, through a running server or offline on the
-directory itself: refit, snapshots."""
+directory itself: refit, snapshots, compact."""
 
 from __future__ import annotations
 
@@ -116,4 +116,45 @@ def _snapshots_offline(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (RefitCommand(), SnapshotsCommand())
+class CompactCommand(ClientCommand):
+    name = "compact"
+    help = "fold upserts and deletions into a new snapshot and erase deleted items, now"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_server_arg(parser, None)
+        parser.add_argument("--data", default=None, help="compact this data directory offline (no server on it)")
+        add_client_args(parser)
+        add_model_args(parser, default_from_data=True)
+
+    def validate(self, args: argparse.Namespace) -> None:
+        super().validate(args)
+        if args.server and args.data:
+            raise usage_error(args, "pass --server (a running server) or --data (offline), not both")
+
+    def run(self, args: argparse.Namespace) -> int:
+        if args.data:
+            report = _compact_offline(args)
+        else:
+            with connect(args, args.server or default_server()) as client:
+                report = client.compact()
+        print(
+            f"live snapshot is now {report.snapshot_id} ({report.seconds:.1f} s): {report.folded_items} "
+            f"upserted item(s) folded in, {report.erased_items} deleted item(s) erased, "
+            f"{report.rewritten_snapshots} older snapshot(s) rewritten without them"
+        )
+        return 0
+
+
+def _compact_offline(args: argparse.Namespace):
+    from .serving import build_engine, serving_lock
+
+    with serving_lock(args.data, "compact it through the server: xmodal compact --server HOST:PORT"):
+        model, pretrained = model_args(args, Path(args.data))
+        engine = build_engine(args.data, model, pretrained, args.threads, None, args.allow_pickle)
+        try:
+            return engine.compactor.compact("xmodal compact")
+        finally:
+            engine.close()
+
+
+COMMANDS = (RefitCommand(), SnapshotsCommand(), CompactCommand())

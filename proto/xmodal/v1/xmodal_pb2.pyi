@@ -179,7 +179,7 @@ class RefitRun(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[str] = ..., started_at: _Optional[str] = ..., duration_s: _Optional[float] = ..., before_json: _Optional[str] = ..., after_json: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[str] = ..., feedback_events: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir", "feedback", "refits")
+    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir", "feedback", "refits", "live_corpus")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,7 @@ class GetStatusResponse(_message.Message):
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     REFITS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_CORPUS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     snapshot: SnapshotInfo
     counts: _containers.RepeatedCompositeFieldContainer[ModalityCount]
@@ -198,7 +199,22 @@ class GetStatusResponse(_message.Message):
     data_dir: str
     feedback: FeedbackCounts
     refits: _containers.RepeatedCompositeFieldContainer[RefitRun]
-    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackCounts, _Mapping]] = ..., refits: _Optional[_Iterable[_Union[RefitRun, _Mapping]]] = ...) -> None: ...
+    live_corpus: LiveCorpus
+    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackCounts, _Mapping]] = ..., refits: _Optional[_Iterable[_Union[RefitRun, _Mapping]]] = ..., live_corpus: _Optional[_Union[LiveCorpus, _Mapping]] = ...) -> None: ...
+
+class LiveCorpus(_message.Message):
+    __slots__ = ("delta_items", "hidden_items", "pending_erasure", "last_compaction_snapshot_id", "last_compaction_s")
+    DELTA_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ERASURE_FIELD_NUMBER: _ClassVar[int]
+    LAST_COMPACTION_SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_COMPACTION_S_FIELD_NUMBER: _ClassVar[int]
+    delta_items: int
+    hidden_items: int
+    pending_erasure: int
+    last_compaction_snapshot_id: str
+    last_compaction_s: float
+    def __init__(self, delta_items: _Optional[int] = ..., hidden_items: _Optional[int] = ..., pending_erasure: _Optional[int] = ..., last_compaction_snapshot_id: _Optional[str] = ..., last_compaction_s: _Optional[float] = ...) -> None: ...
 
 class SubmitFeedbackRequest(_message.Message):
     __slots__ = ("query", "relevant_ids", "irrelevant_ids", "weight", "source")
@@ -255,6 +271,24 @@ class RollbackResponse(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     snapshot: SnapshotInfo
     def __init__(self, snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CompactResponse(_message.Message):
+    __slots__ = ("snapshot_id", "folded_items", "erased_items", "rewritten_snapshots", "seconds")
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    FOLDED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ERASED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REWRITTEN_SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    folded_items: int
+    erased_items: int
+    rewritten_snapshots: int
+    seconds: float
+    def __init__(self, snapshot_id: _Optional[str] = ..., folded_items: _Optional[int] = ..., erased_items: _Optional[int] = ..., rewritten_snapshots: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class NewItem(_message.Message):
     __slots__ = ("item_id", "text", "image", "metadata_json", "pair_id", "source")

@@ -375,6 +375,11 @@ class AdminServiceStub:
                 request_serializer=xmodal_dot_v1_dot_xmodal__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/xmodal.v1.AdminService/Compact',
+                request_serializer=xmodal_dot_v1_dot_xmodal__pb2.CompactRequest.SerializeToString,
+                response_deserializer=xmodal_dot_v1_dot_xmodal__pb2.CompactResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -400,6 +405,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compact(self, request, context):
+        """Fold the items in deltas and the deleted ones into a new live snapshot, then erase
+        every copy of deleted items (base vectors, retained snapshots, image files, feedback).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -417,6 +430,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.RollbackRequest.FromString,
                     response_serializer=xmodal_dot_v1_dot_xmodal__pb2.RollbackResponse.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=xmodal_dot_v1_dot_xmodal__pb2.CompactRequest.FromString,
+                    response_serializer=xmodal_dot_v1_dot_xmodal__pb2.CompactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -500,6 +518,33 @@ class AdminService:
             '/xmodal.v1.AdminService/Rollback',
             xmodal_dot_v1_dot_xmodal__pb2.RollbackRequest.SerializeToString,
             xmodal_dot_v1_dot_xmodal__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xmodal.v1.AdminService/Compact',
+            xmodal_dot_v1_dot_xmodal__pb2.CompactRequest.SerializeToString,
+            xmodal_dot_v1_dot_xmodal__pb2.CompactResponse.FromString,
             options,
             channel_credentials,
             insecure,
