@@ -143,6 +143,7 @@ class Status:
     # the live corpus: {"delta_items", "hidden_items", "pending_erasure",
     # "last_compaction_snapshot_id", "last_compaction_s"}
     live_corpus: dict = field(default_factory=dict)
+    filter_fields: dict = field(default_factory=dict)  # name -> "number" or "text"
     raw: object = field(repr=False, default=None)
 
 
@@ -244,6 +245,46 @@ def _ids(value, name: str) -> list[str]:
     return ids
 
 
+def _filter(where: Mapping[str, object]) -> pb.Filter:
+    """``where`` (see SearchClient.search) as a Filter message; InvalidArgument for a shape
+    it cannot be."""
+    if not isinstance(where, Mapping):
+        raise InvalidArgument(f"where must be a dict of field -> condition, got {type(where).__name__}")
+    conditions = []
+    for name, value in where.items():
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidArgument(f"where: field names must be non-empty strings, got {name!r}")
+        condition = pb.Condition(field=name)
+        if isinstance(value, tuple):
+            if len(value) != 2 or value == (None, None):
+                raise InvalidArgument(f"where[{name!r}]: a range is (low, high) with at least one end, got {value!r}")
+            ends = [v for v in value if v is not None]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ends):
+                if value[0] is not None:
+                    condition.min = float(value[0])
+                if value[1] is not None:
+                    condition.max = float(value[1])
+            elif all(isinstance(v, str) for v in ends):
+                if value[0] is not None:
+                    condition.min_text = value[0]
+                if value[1] is not None:
+                    condition.max_text = value[1]
+            else:
+                raise InvalidArgument(
+                    f"where[{name!r}]: a range's ends are both numbers or both strings, got {value!r}"
+                )
+        else:
+            values = list(value) if isinstance(value, (list, set, frozenset)) else [value]
+            if not values:
+                raise InvalidArgument(f"where[{name!r}]: give at least one value")
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                    raise InvalidArgument(f"where[{name!r}]: values are strings or numbers, got {v!r}")
+            condition.any_of.extend(v if isinstance(v, str) else json.dumps(v) for v in values)
+        conditions.append(condition)
+    return pb.Filter(all_of=conditions)
+
+
 def _request(cls, **fields):
     """Build a request message; protobuf's TypeError/ValueError (a string where a number
     goes, a k past int32) become InvalidArgument, as the server's own checks would."""
@@ -336,6 +377,7 @@ class SearchClient:
         item_id: str | None = None,
         target: str | None = None,
         k: int = 10,
+        where: Mapping[str, object] | None = None,
         timeout: float | None = None,
     ) -> SearchResult:
         """Search with exactly one of ``text``, ``image`` (bytes or a file path) or ``item_id``.
@@ -343,6 +385,12 @@ class SearchClient:
         Args:
             target: "image", "text", or None for the other modality than the query's.
             k: number of hits (the server's limit is in :meth:`status`).
+            where: metadata conditions the hits must all match, by field: a list (or a
+                single value) of values, one of which the field equals
+                (``{"modality": ["CT", "MR"]}``; numbers match by value); or a
+                ``(low, high)`` tuple, an inclusive range with None for an open end, of
+                numbers (``{"year": (2020, None)}``) or of strings such as ISO dates
+                (``{"date": (None, "2024-12-31")}``). :meth:`status` lists the fields.
         """
         given = [v for v in (text, image, item_id) if v is not None]
         if len(given) != 1:
@@ -351,6 +399,8 @@ class SearchClient:
             raise InvalidArgument(f"target must be 'image', 'text' or None, got {target!r}")
         query = _query(text, image, item_id)
         request = _request(pb.SearchRequest, query=query, target=_MODALITY_VALUES[target], k=k)
+        if where:
+            request.filter.CopyFrom(_filter(where))
         with map_errors(self.target):
             response = self._search.Search(request, timeout=timeout or self.timeout, metadata=self._metadata)
         timing = {name: getattr(response.timing, name) for name in ("encode_ms", "head_ms", "search_ms", "total_ms")}
@@ -431,6 +481,7 @@ class SearchClient:
                 "last_compaction_snapshot_id": r.live_corpus.last_compaction_snapshot_id,
                 "last_compaction_s": r.live_corpus.last_compaction_s,
             },
+            filter_fields={f.name: f.kind for f in r.filter_fields},
             raw=r,
         )
 

@@ -73,6 +73,13 @@ class NewItem:
         return hashlib.sha256(self.image).hexdigest() if self.image is not None else text_hash(self.text or "")
 
 
+def _changed(stored, item: NewItem) -> bool:
+    """New content, or new metadata (which filters read beside the vector): re-embedded."""
+    return bool(
+        stored["content_hash"] != item.content_hash or stored["metadata"] != json.dumps(item.metadata, sort_keys=True)
+    )
+
+
 def parse_metadata(item_id: str, value: str) -> dict:
     """metadata_json of an item: empty, or a JSON object."""
     if not value.strip():
@@ -123,7 +130,7 @@ class CorpusWrites:
         with self.view.write_lock:
             known = self.catalog.get_items([i.item_id for i in items] + [i.pair_id for i in items if i.pair_id])
             self._check_pairs(items, known)
-            fresh = [i for i in items if i.item_id not in known or known[i.item_id]["content_hash"] != i.content_hash]
+            fresh = [i for i in items if i.item_id not in known or _changed(known[i.item_id], i)]
             vectors, blobs = self._encode(fresh)
             counts = self._apply(items, fresh, vectors, known, blobs)
         log.info("upserted %d item(s): %s", len(items), counts)

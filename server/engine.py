@@ -42,6 +42,7 @@ class SearchEngine:
         *,
         limits: Limits | None = None,
         keep_snapshots: int = KEEP_SNAPSHOTS,
+        mmap: bool = False,
     ):
         self.data = DataDir(data_dir)
         self.data.create()
@@ -50,7 +51,7 @@ class SearchEngine:
         self.catalog = Catalog(self.data.catalog_path)
         self.store = BaseStore(self.data.base, self.catalog)
         self.started = time.time()
-        self.view = LiveView(self.data, encoder, self.catalog, self.store)
+        self.view = LiveView(self.data, encoder, self.catalog, self.store, mmap=mmap)
         self.queries = QueryPath(self.view, encoder, self.catalog, self.limits)
         self.intake = FeedbackIntake(self.catalog, self.store, self.queries, self.limits)
         self.corpus = CorpusWrites(self.data, self.catalog, self.store, encoder, self.view, self.limits)
@@ -88,6 +89,7 @@ class SearchEngine:
             "max_k": self.limits.max_k,
             "data_dir": str(self.data.root),
             "live_corpus": self._live_corpus(state),
+            "filter_fields": list(self.queries.filter_fields(state).values()) if state else [],
         }
 
     def _live_corpus(self, state) -> dict:

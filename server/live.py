@@ -74,14 +74,16 @@ class LiveState:
     deltas: dict[str, DeltaIndex]
     hidden: frozenset[str]
     selectors: dict[str, Excluding | None] = field(default_factory=dict)  # per modality; None: skip nothing
+    hidden_rows: dict[str, np.ndarray] = field(default_factory=dict)  # per modality, the snapshot rows hidden
 
     @classmethod
     def build(cls, snapshot: Snapshot, deltas: dict[str, DeltaIndex], hidden: frozenset[str]) -> LiveState:
-        selectors = {}
+        selectors, hidden_rows = {}, {}
         for modality, index in snapshot.indexes.items():
             rows = np.asarray(sorted(index.rows[i] for i in hidden if i in index.rows), np.int64)
-            selectors[modality] = Excluding.rows(rows) if len(rows) else None
-        return cls(snapshot, deltas, hidden, selectors)
+            selectors[modality] = Excluding.rows(rows, index) if len(rows) else None
+            hidden_rows[modality] = rows
+        return cls(snapshot, deltas, hidden, selectors, hidden_rows)
 
     def find(self, item_id: str) -> tuple[str, np.ndarray] | None:
         """(modality, adapted vector) of a live item, or None."""
@@ -107,19 +109,51 @@ class Excluding:
     owners: tuple  # faiss keeps raw pointers: these keep the rows and selectors alive
 
     @classmethod
-    def rows(cls, rows: np.ndarray) -> Excluding:
+    def rows(cls, rows: np.ndarray, index: Any = None) -> Excluding:
+        """Skip ``rows``; the parameters are of ``index``'s own kind (ModalityIndex.params)
+        when it has one, as HNSW and IVF indexes refuse generic ones."""
         batch = faiss.IDSelectorBatch(rows)
         selector = faiss.IDSelectorNot(batch)
-        params = faiss.SearchParameters()
+        return cls(search_parameters(index, selector), (rows, batch, selector))
+
+
+def search_parameters(index: Any, selector: Any) -> Any:
+    """FAISS search parameters with ``selector``, of the kind ``index`` (a ModalityIndex)
+    takes, carrying its tuned settings."""
+    make = getattr(index, "params", None)
+    params = make(selector) if make is not None else None
+    if params is None:  # an index without tuned settings: its own kind, its own defaults
+        inner = getattr(index, "index", index)
+        hnsw = _downcast(inner, faiss.IndexHNSW)
+        ivf = faiss.try_extract_index_ivf(inner) if inner is not None else None
+        if hnsw is not None:
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = hnsw.hnsw.efSearch
+        elif ivf is not None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = ivf.nprobe
+        else:
+            params = faiss.SearchParameters()
         params.sel = selector
-        return cls(params, (rows, batch, selector))
+    return params
+
+
+def _downcast(index: Any, kind: type) -> Any:
+    if index is None:
+        return None
+    try:
+        index = faiss.downcast_index(index)
+    except Exception:  # noqa: BLE001 - not a faiss index
+        return None
+    return index if isinstance(index, kind) else None
 
 
 class LiveView:
     """The snapshot one server answers from, swapped by one reference assignment."""
 
-    def __init__(self, data: DataDir, encoder: Encoder, catalog: Catalog, store: BaseStore):
+    def __init__(self, data: DataDir, encoder: Encoder, catalog: Catalog, store: BaseStore, *, mmap: bool = False):
         self.data = data
+        self.mmap = mmap  # memory-map the snapshots' index files (xmodal serve --mmap)
         self.encoder = encoder
         self.catalog = catalog
         self.store = store
@@ -223,7 +257,7 @@ class LiveView:
         Raises:
             NotFound: no such snapshot. FailedPrecondition: another encoder or dimension.
         """
-        snapshot = Snapshot(self.data.snapshots / snapshot_id)
+        snapshot = Snapshot(self.data.snapshots / snapshot_id, mmap=self.mmap)
         if snapshot.encoder != self.encoder.identity:
             raise FailedPrecondition(
                 f"snapshot {snapshot_id} was built with encoder {snapshot.encoder}, but this server runs "

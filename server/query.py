@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from xmodal.indexer.catalog import Catalog
@@ -14,9 +16,20 @@ from xmodal.indexer.corpus import IMAGE, MODALITIES, TEXT
 from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.errors import DeadlineExceeded, InvalidArgument, NotFound
 from xmodal.indexer.images import decode_image
+from xmodal.indexer.snapshot import ModalityIndex
 
+from .filters import (
+    Columns,
+    Condition,
+    FilterField,
+    check_conditions,
+    columns_of,
+    declared_fields,
+    filter_fields,
+    metadata_by_id,
+)
 from .limits import Limits
-from .live import LiveState, LiveView
+from .live import DeltaIndex, LiveState, LiveView, search_parameters
 
 
 @dataclass
@@ -48,6 +61,31 @@ class ItemRecord:
     image: bytes = b""
 
 
+EXACT_FILTER_ROWS = 20_000  # fewer matching snapshot items than this: exact search over them
+MAX_EF_SEARCH = 4096
+
+
+def _reconstruct(index: faiss.Index, rows: np.ndarray) -> np.ndarray:
+    """Stored vectors of ``rows`` (an IVF index gets a direct map on first use)."""
+    try:
+        return index.reconstruct_batch(rows)
+    except RuntimeError:
+        faiss.extract_index_ivf(index).make_direct_map()
+        return index.reconstruct_batch(rows)
+
+
+def _exact(
+    vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int, ids: Sequence[str] | np.ndarray
+) -> list[tuple[str, float]]:
+    """(id, score) of the k best of ``vectors[rows]`` for ``query`` by inner product."""
+    if not len(rows):
+        return []
+    scores = np.asarray(vectors)[rows] @ query.reshape(-1)
+    top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
+    top = top[np.argsort(-scores[top])]
+    return [(str(ids[rows[i]]), float(scores[i])) for i in top]
+
+
 class QueryPath:
     """Answers searches and item lookups from the live view (reads only)."""
 
@@ -56,6 +94,7 @@ class QueryPath:
         self.encoder = encoder
         self.catalog = catalog
         self.limits = limits
+        self.exact_filter_rows = EXACT_FILTER_ROWS
 
     def query_vector(
         self, state: LiveState, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None
@@ -114,6 +153,7 @@ class QueryPath:
         target: str | None = None,
         k: int = 10,
         deadline: float | None = None,
+        conditions: Sequence[Condition] = (),
     ) -> SearchResult:
         """Top-k items of ``target`` modality for one query.
 
@@ -121,6 +161,7 @@ class QueryPath:
             text / image / item_id: exactly one query.
             target: "image" or "text"; None means the other modality than the query's.
             k: 1..limits.max_k.
+            conditions: metadata conditions (AND) the hits must match (see .filters).
 
         Raises:
             InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted.
@@ -131,29 +172,76 @@ class QueryPath:
         if target is not None and target not in MODALITIES:
             raise InvalidArgument(f"target modality must be image or text, got {target!r}")
         state = self.view.state()  # read the reference once: this query sees one state only
+        if conditions:
+            check_conditions(conditions, self.filter_fields(state))
         self.check_deadline(deadline, "queueing")
         modality, vector, timing = self.query_vector(state, text=text, image=image, item_id=item_id)
         self.check_deadline(deadline, "encoding")
         target = target or (TEXT if modality == IMAGE else IMAGE)
         t0 = time.perf_counter()
-        scored = self._top_k(state, target, vector, k)
+        scored = self._top_k(state, target, vector, k, conditions)
         timing["search_ms"] = (time.perf_counter() - t0) * 1e3
         hits = self._hits(scored, target)
         timing["total_ms"] = (time.perf_counter() - started) * 1e3
         return SearchResult(hits, state.snapshot.id, timing)
 
-    @staticmethod
-    def _top_k(state: LiveState, target: str, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
-        """The snapshot's index (without hidden rows) and the delta, merged by score."""
+    def _top_k(
+        self, state: LiveState, target: str, vector: np.ndarray, k: int, conditions: Sequence[Condition] = ()
+    ) -> list[tuple[str, float]]:
+        """The snapshot's index (without hidden rows) and the delta, merged by score; with
+        ``conditions``, only the items that match them."""
         index, delta = state.snapshot.indexes[target], state.deltas[target]
-        excluding = state.selectors[target]
-        scores, rows = index.search(vector, k, params=excluding.params if excluding else None)
-        scored = [(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
+        if conditions:
+            scored = self._filtered_snapshot(state, target, vector, k, conditions)
+        else:
+            excluding = state.selectors[target]
+            scores, rows = index.search(vector, k, params=excluding.params if excluding else None)
+            scored = [(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
         if len(delta):
-            d_scores, d_rows = delta.search(vector, k)
-            scored += [(delta.ids[r], float(s)) for r, s in zip(d_rows[0], d_scores[0], strict=True) if r >= 0]
-            scored.sort(key=lambda hit: -hit[1])
+            if conditions:
+                mask = self.delta_columns(delta).mask(conditions)
+                scored += _exact(delta.vectors, np.flatnonzero(mask), vector, k, delta.ids)
+            else:
+                d_scores, d_rows = delta.search(vector, k)
+                scored += [(delta.ids[r], float(s)) for r, s in zip(d_rows[0], d_scores[0], strict=True) if r >= 0]
+        scored.sort(key=lambda hit: -hit[1])
         return scored[:k]
+
+    # -- filters -----------------------------------------------------------------------------
+    def snapshot_columns(self, index: ModalityIndex) -> Columns:
+        return columns_of(index, lambda: metadata_by_id(self.catalog, index.ids.tolist()))
+
+    def delta_columns(self, delta: DeltaIndex) -> Columns:
+        return columns_of(delta, lambda: metadata_by_id(self.catalog, delta.ids))
+
+    def filter_fields(self, state: LiveState) -> dict[str, FilterField]:
+        """The fields a search on ``state`` may filter on (declared, else inferred)."""
+        columns = [self.snapshot_columns(i) for i in state.snapshot.indexes.values()]
+        columns += [self.delta_columns(d) for d in state.deltas.values() if len(d)]
+        return filter_fields(columns, declared_fields(self.catalog))
+
+    def _filtered_snapshot(
+        self, state: LiveState, target: str, vector: np.ndarray, k: int, conditions: Sequence[Condition]
+    ) -> list[tuple[str, float]]:
+        """The k best snapshot items that match: an exact search over them when they are
+        few (or the index is exact anyway and they are not many), else the index's own
+        search restricted to them by an IDSelector (HNSW searching wider the fewer match)."""
+        index = state.snapshot.indexes[target]
+        mask = self.snapshot_columns(index).mask(conditions)
+        mask[state.hidden_rows[target]] = False
+        rows = np.flatnonzero(mask)
+        if not len(rows):
+            return []
+        if len(rows) <= self.exact_filter_rows:
+            return _exact(_reconstruct(index.index, rows), np.arange(len(rows)), vector, k, index.ids[rows])
+        bits = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
+        params = search_parameters(index, selector)
+        if hasattr(params, "efSearch"):  # HNSW: a filtered walk needs a wider beam
+            params.efSearch = int(min(MAX_EF_SEARCH, max(params.efSearch, k) * len(mask) / len(rows)))
+        scores, found = index.search(vector, k, params=params)
+        del bits, selector  # faiss held raw pointers to them until here
+        return [(index.ids[r], float(s)) for r, s in zip(found[0], scores[0], strict=True) if r >= 0]
 
     def _hits(self, scored: list[tuple[str, float]], target: str) -> list[Hit]:
         """Ranked hits with their catalog rows (text, source, metadata)."""

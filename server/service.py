@@ -29,6 +29,7 @@ from .config import ServeConfig
 from .corpus import NewItem, parse_metadata
 from .engine import SearchEngine
 from .errors import rpc
+from .filters import Condition
 from .refit import Refitter
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,23 @@ def _query_kwargs(query) -> dict:
     return {kind: getattr(query, kind)}
 
 
+def conditions_from_proto(message) -> list[Condition]:
+    """A Filter message as conditions; the shape of each is checked with the search."""
+    if not message.all_of:
+        raise InvalidArgument("filter has no conditions: add one to all_of, or leave filter unset")
+    return [
+        Condition(
+            field=c.field,
+            any_of=tuple(c.any_of),
+            min=c.min if c.HasField("min") else None,
+            max=c.max if c.HasField("max") else None,
+            min_text=c.min_text if c.HasField("min_text") else None,
+            max_text=c.max_text if c.HasField("max_text") else None,
+        )
+        for c in message.all_of
+    ]
+
+
 class SearchServicer(pb_grpc.SearchServiceServicer):
     def __init__(self, engine: SearchEngine, refitter: Refitter | None = None):
         self.engine = engine
@@ -81,6 +99,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             target=modality_from_proto(request.target),
             k=request.k,
             deadline=self._deadline(context),
+            conditions=conditions_from_proto(request.filter) if request.HasField("filter") else (),
         )
         return pb.SearchResponse(
             snapshot_id=result.snapshot_id,
@@ -141,6 +160,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 for m, c in status["counts"].items()
             ],
             live_corpus=pb.LiveCorpus(**status["live_corpus"]),
+            filter_fields=[
+                pb.FilterField(name=f.name, kind=f.kind, declared=f.declared) for f in status["filter_fields"]
+            ],
         )
 
     def _feedback_counts(self) -> pb.FeedbackCounts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from xmodal.indexer.errors import InvalidArgument
@@ -139,14 +140,70 @@ class SearchCommand(ClientCommand):
         parser.add_argument(
             "-k", type=int, default=param_default(SearchClient.search, "k"), help="number of hits (default %(default)s)"
         )
+        parser.add_argument(
+            "--where",
+            action="append",
+            default=[],
+            metavar="COND",
+            help="only hits whose metadata match: FIELD=A,B (one of), FIELD>=LOW, FIELD<=HIGH (numbers, or "
+            "strings such as ISO dates); repeat to AND them (see `xmodal status` for the fields)",
+        )
         parser.add_argument("--json", action="store_true", help="print JSON")
         add_client_args(parser)
 
+    def validate(self, args: argparse.Namespace) -> None:
+        super().validate(args)
+        try:
+            args.where_dict = parse_where(args.where)
+        except ValueError as exc:
+            raise usage_error(args, str(exc)) from None
+
     def run(self, args: argparse.Namespace) -> int:
         with connect(args, args.server) as client:
-            result = client.search(text=args.text, image=args.image, item_id=args.item, target=args.target, k=args.k)
+            result = client.search(
+                text=args.text, image=args.image, item_id=args.item, target=args.target, k=args.k, where=args.where_dict
+            )
         _print_hits(result, args.json)
         return 0
+
+
+_WHERE = re.compile(r"^\s*([^<>=]+?)\s*(>=|<=|=)\s*(.*?)\s*$")
+
+
+def parse_where(conditions: list[str]) -> dict[str, object]:
+    """``--where`` flags as SearchClient.search's ``where``: FIELD=A,B (one of),
+    FIELD>=LOW and FIELD<=HIGH (a range; both on one field make one range).
+
+    Raises:
+        ValueError: a condition it cannot read, saying which.
+    """
+    where: dict[str, object] = {}
+    for text in conditions:
+        match = _WHERE.match(text)
+        if not match or not match.group(3):
+            raise ValueError(f"--where {text!r}: write FIELD=A,B or FIELD>=LOW or FIELD<=HIGH")
+        name, op, value = match.groups()
+        if op == "=":
+            if name in where:
+                raise ValueError(f"--where {text!r}: {name} has a condition already")
+            where[name] = [v.strip() for v in value.split(",") if v.strip()]
+            continue
+        bound = _number_or_text(value)
+        low, high = where.get(name, (None, None)) if isinstance(where.get(name), tuple) else (None, None)
+        if name in where and not isinstance(where[name], tuple):
+            raise ValueError(f"--where {text!r}: {name} has a condition already")
+        low, high = (bound, high) if op == ">=" else (low, bound)
+        if low is not None and high is not None and isinstance(low, str) != isinstance(high, str):
+            raise ValueError(f"--where {text!r}: the ends of a range on {name} are both numbers or both text")
+        where[name] = (low, high)
+    return where
+
+
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _print_hits(result, as_json: bool) -> None:

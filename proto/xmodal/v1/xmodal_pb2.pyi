@@ -27,14 +27,38 @@ class Query(_message.Message):
     def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., item_id: _Optional[str] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "target", "k")
+    __slots__ = ("query", "target", "k", "filter")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     query: Query
     target: Modality
     k: int
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., target: _Optional[_Union[Modality, str]] = ..., k: _Optional[int] = ...) -> None: ...
+    filter: Filter
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., target: _Optional[_Union[Modality, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("all_of",)
+    ALL_OF_FIELD_NUMBER: _ClassVar[int]
+    all_of: _containers.RepeatedCompositeFieldContainer[Condition]
+    def __init__(self, all_of: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("field", "any_of", "min", "max", "min_text", "max_text")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MIN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    any_of: _containers.RepeatedScalarFieldContainer[str]
+    min: float
+    max: float
+    min_text: str
+    max_text: str
+    def __init__(self, field: _Optional[str] = ..., any_of: _Optional[_Iterable[str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., min_text: _Optional[str] = ..., max_text: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("item_id", "score", "modality", "text", "source", "metadata_json", "rank")
@@ -179,7 +203,7 @@ class RefitRun(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[str] = ..., started_at: _Optional[str] = ..., duration_s: _Optional[float] = ..., before_json: _Optional[str] = ..., after_json: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[str] = ..., feedback_events: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir", "feedback", "refits", "live_corpus")
+    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir", "feedback", "refits", "live_corpus", "filter_fields")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +214,7 @@ class GetStatusResponse(_message.Message):
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     REFITS_FIELD_NUMBER: _ClassVar[int]
     LIVE_CORPUS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELDS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     snapshot: SnapshotInfo
     counts: _containers.RepeatedCompositeFieldContainer[ModalityCount]
@@ -200,7 +225,18 @@ class GetStatusResponse(_message.Message):
     feedback: FeedbackCounts
     refits: _containers.RepeatedCompositeFieldContainer[RefitRun]
     live_corpus: LiveCorpus
-    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackCounts, _Mapping]] = ..., refits: _Optional[_Iterable[_Union[RefitRun, _Mapping]]] = ..., live_corpus: _Optional[_Union[LiveCorpus, _Mapping]] = ...) -> None: ...
+    filter_fields: _containers.RepeatedCompositeFieldContainer[FilterField]
+    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackCounts, _Mapping]] = ..., refits: _Optional[_Iterable[_Union[RefitRun, _Mapping]]] = ..., live_corpus: _Optional[_Union[LiveCorpus, _Mapping]] = ..., filter_fields: _Optional[_Iterable[_Union[FilterField, _Mapping]]] = ...) -> None: ...
+
+class FilterField(_message.Message):
+    __slots__ = ("name", "kind", "declared")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DECLARED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    declared: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., declared: _Optional[bool] = ...) -> None: ...
 
 class LiveCorpus(_message.Message):
     __slots__ = ("delta_items", "hidden_items", "pending_erasure", "last_compaction_snapshot_id", "last_compaction_s")

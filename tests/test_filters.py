@@ -1,0 +1,302 @@
+"""Metadata-filtered search over gRPC: the k best matching items, as an exact search over
+the matching subset finds them (Flat: equal; an ANN index: recall@10 >= 0.95), with every
+query kind, beside deltas and tombstones; bad filters are INVALID_ARGUMENT; `--where`."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from xmodal import client as xc
+from xmodal.indexer.adapt import fit_snapshot
+from xmodal.indexer.catalog import Catalog
+from xmodal.indexer.train import FitConfig
+from xmodal.server.cli.client_commands import parse_where
+
+from conftest import RunningServer, xmodal_cmd
+
+SITES = ("north", "south", "east", "west")
+
+
+def metadata_for(i: int) -> dict:
+    """Fields whose values select about 50%, 10%, 2.5% and 1% of the items."""
+    return {
+        "site": SITES[i % 4],
+        "year": 2000 + (i * 7) % 40,
+        "date": f"20{10 + (i * 3) % 15}-{1 + i % 12:02d}-{1 + i % 28:02d}",
+        "rare": "yes" if i % 100 == 7 else "no",
+        "label_text": str(i % 10),  # numbers written as strings: a text field
+    }
+
+
+@pytest.fixture(scope="module")
+def filtered_data(tmp_path_factory, indexed):
+    data = tmp_path_factory.mktemp("filtered") / "data"
+    shutil.copytree(indexed, data)
+    catalog = Catalog(data / "catalog.sqlite")
+    ids = [r[0] for r in catalog.db().execute("SELECT id FROM items ORDER BY id")]
+    with catalog.tx() as db:
+        for i, item_id in enumerate(ids):
+            db.execute("UPDATE items SET metadata = ? WHERE id = ?", (json.dumps(metadata_for(i // 2)), item_id))
+    catalog.close()
+    return data
+
+
+def matches(meta: dict, where: dict) -> bool:
+    for name, cond in where.items():
+        if name not in meta:
+            return False
+        value = meta[name]
+        if isinstance(cond, tuple):
+            low, high = cond
+            if (low is not None and value < low) or (high is not None and value > high):
+                return False
+        elif str(value) not in [str(c) for c in cond] and not any(
+            isinstance(value, (int, float)) and _num(c) == value for c in cond
+        ):
+            return False
+    return True
+
+
+def _num(value):
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+WHERES = [
+    {"site": ["north", "east"]},  # ~50%
+    {"year": (2010, 2013)},  # ~10%
+    {"date": ("2012-01-01", "2012-12-31")},  # ~7%
+    {"rare": ["yes"]},  # ~1%
+    {"site": ["west"], "year": (2000, 2019)},  # ~12%
+    {"label_text": ["3"], "year": (2030, None)},  # ~2.5%
+]
+
+
+def exact_top(server: RunningServer, query_id: str, target: str, where: dict, k: int) -> list[str]:
+    """Brute force over the matching items of the live snapshot (and its deltas)."""
+    state = server.engine.view.state()
+    _, query = state.find(query_id)
+    index = state.snapshot.indexes[target]
+    vectors = index.index.reconstruct_n(0, len(index))
+    ids = index.ids.tolist()
+    records = server.engine.catalog.get_items(ids)
+    keep = [
+        i
+        for i, item_id in enumerate(ids)
+        if item_id in records and matches(json.loads(records[item_id]["metadata"]), where)
+    ]
+    keep = [i for i in keep if ids[i] not in state.hidden]
+    scores = vectors[keep] @ query.reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    return [(ids[keep[i]], float(scores[i])) for i in order]  # all of them: ties past k count
+
+
+def run_queries(server: RunningServer, n: int, seed: int) -> list[tuple[list[str], list[str]]]:
+    rng = random.Random(seed)
+    state = server.engine.view.state()
+    text_ids = state.snapshot.indexes["text"].ids.tolist()
+    image_ids = state.snapshot.indexes["image"].ids.tolist()
+    pairs = []
+    for _ in range(n):
+        where = rng.choice(WHERES)
+        if rng.random() < 0.5:
+            query_id, target = rng.choice(text_ids), "image"
+        else:
+            query_id, target = rng.choice(image_ids), "text"
+        hits = server.client.search(item_id=query_id, target=target, k=10, where=where).hits
+        pairs.append(([(h.item_id, h.score) for h in hits], exact_top(server, query_id, target, where, 10)))
+    return pairs
+
+
+def same_ranking(got: list[tuple[str, float]], expected: list[tuple[str, float]]) -> bool:
+    """Equal scores rank by rank, and equal ids wherever the score is not tied."""
+    scores = [s for _, s in expected]
+    expected = expected[: len(got)]
+    if len(got) != min(10, len(scores)):
+        return False
+    for (got_id, got_score), (want_id, want_score) in zip(got, expected, strict=True):
+        if abs(got_score - want_score) > 1e-4:
+            return False
+        tied = sum(abs(s - want_score) <= 1e-4 for s in scores) > 1
+        if got_id != want_id and not tied:
+            return False
+    return True
+
+
+def test_filtered_search_equals_brute_force_over_the_matching_items_with_flat(filtered_data, encoder):
+    server = RunningServer(filtered_data, encoder)
+    try:
+        server.engine.queries.exact_filter_rows = 30  # the IDSelector path too, not only the exact one
+        for got, expected in run_queries(server, 300, seed=1):
+            assert same_ranking(got, expected), "\n".join(f"{a} {b}" for a, b in zip(got, expected, strict=False))
+    finally:
+        server.stop()
+
+
+def test_filtered_search_with_an_ann_index_keeps_recall(filtered_data, encoder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(filtered_data, data)
+    fit_snapshot(data, FitConfig(kind="identity"), factory="HNSW8,Flat", progress=False, feedback=False)
+    server = RunningServer(data, encoder)
+    try:
+        assert "HNSW" in server.engine.snapshot.manifest.faiss_factory
+        server.engine.queries.exact_filter_rows = 30
+        found = total = 0
+        for got, expected in run_queries(server, 300, seed=2):
+            if not expected:
+                assert got == []
+                continue
+            kth = expected[:10][-1][1]  # an item scoring as high as the 10th is a right answer (ties)
+            found += min(len(expected[:10]), sum(score >= kth - 1e-4 for _, score in got))
+            total += len(expected[:10])
+        assert found / total >= 0.95
+    finally:
+        server.stop()
+
+
+def test_every_query_kind_filters_and_filters_see_deltas_and_tombstones(filtered_data, encoder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(filtered_data, data)
+    server = RunningServer(data, encoder)
+    try:
+        client = server.client
+        caption = "a large red circle in the upper left on a navy background"
+        for query in ({"text": caption}, {"image": client.get_items([first_image(server)])[0].image}):
+            hits = client.search(**query, k=20, where={"site": ["south"]}).hits
+            assert hits and all(h.metadata["site"] == "south" for h in hits)
+        rare = client.search(text=caption, k=50, where={"rare": ["yes"]}).hits
+        assert 0 < len(rare) < 10 and all(h.metadata["rare"] == "yes" for h in rare)
+        client.delete_items([rare[0].item_id])
+        client.upsert_items([xc.NewItem("new-rare", text=caption, metadata={"rare": "yes", "site": "north"})])
+        after = [h.item_id for h in client.search(text=caption, target="text", k=50, where={"rare": ["yes"]}).hits]
+        assert after[0] == "new-rare" and rare[0].item_id not in after
+        none = client.search(text=caption, k=10, where={"site": ["nowhere"]})
+        assert none.hits == []
+        fields = client.status().filter_fields
+        assert fields["year"] == "number" and fields["site"] == "text" and fields["label_text"] == "text"
+    finally:
+        server.stop()
+
+
+def first_image(server: RunningServer) -> str:
+    return server.engine.view.state().snapshot.indexes["image"].ids[0]
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ({"ward": ["A"]}, "field 'ward' is not filterable; filterable fields: date, label_text, rare, site, year"),
+        ({"year": (2020, 2010)}, "min 2020 is above max 2010"),
+        ({"date": ("2024", "2020")}, "is after max_text"),
+        ({"year": ("2020", None)}, "field 'year' holds numbers: give a numeric range"),
+        ({"site": (1, 2)}, "field 'site' holds text: give a text range"),
+    ],
+)
+def test_bad_filters_are_invalid_argument_naming_what_to_fix(filtered_data, encoder, where, says):
+    server = RunningServer(filtered_data, encoder)
+    try:
+        with pytest.raises(xc.InvalidArgument) as error:
+            server.client.search(text="a circle", where=where)
+        assert says in str(error.value)
+    finally:
+        server.stop()
+
+
+def test_an_empty_condition_or_filter_is_refused_over_grpc(filtered_data, encoder):
+    from xmodal.v1 import xmodal_pb2 as pb
+    from xmodal.v1 import xmodal_pb2_grpc as pb_grpc
+
+    server = RunningServer(filtered_data, encoder)
+    try:
+        stub = pb_grpc.SearchServiceStub(server.client._channel)
+        for filter_, says in (
+            (pb.Filter(all_of=[pb.Condition(field="site")]), "filter on 'site' is empty"),
+            (pb.Filter(), "filter has no conditions"),
+            (pb.Filter(all_of=[pb.Condition(field="year", min=1, any_of=["2"])]), "mixes any_of"),
+        ):
+            request = pb.SearchRequest(query=pb.Query(text="a circle"), k=5, filter=filter_)
+            with pytest.raises(Exception) as error:
+                stub.Search(request, timeout=30)
+            assert error.value.code().name == "INVALID_ARGUMENT" and says in error.value.details()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("flags", "where"),
+    [
+        (["modality=CT,MR"], {"modality": ["CT", "MR"]}),
+        (["year>=2020"], {"year": (2020.0, None)}),
+        (["year>=2020", "year<=2024"], {"year": (2020.0, 2024.0)}),
+        (["date<=2024-12-31", "site=north"], {"date": (None, "2024-12-31"), "site": ["north"]}),
+    ],
+)
+def test_where_flags_parse(flags, where):
+    assert parse_where(flags) == where
+
+
+@pytest.mark.parametrize("flag", ["year", "year>", "=x", "year>=", "a=1;a=2"])
+def test_where_flags_that_cannot_be_read_are_usage_errors(flag):
+    with pytest.raises(ValueError, match="--where"):
+        parse_where(flag.split(";"))
+
+
+def test_search_where_through_the_cli(filtered_data, encoder):
+    server = RunningServer(filtered_data, encoder)
+    try:
+        done = subprocess.run(
+            xmodal_cmd(
+                "search",
+                "--server",
+                server.server.address,
+                "--text",
+                "a circle",
+                "-k",
+                "5",
+                "--json",
+                "--where",
+                "site=north,east",
+                "--where",
+                "year>=2030",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        hits = json.loads(done.stdout)["hits"]
+        assert hits and all(h["metadata"]["site"] in ("north", "east") and h["metadata"]["year"] >= 2030 for h in hits)
+        bad = subprocess.run(
+            xmodal_cmd("search", "--server", server.server.address, "--text", "x", "--where", "year"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 2 and "--where 'year'" in bad.stderr
+    finally:
+        server.stop()
+
+
+def test_new_metadata_for_the_same_content_is_a_change_filters_see(filtered_data, encoder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(filtered_data, data)
+    server = RunningServer(data, encoder)
+    try:
+        client = server.client
+        client.upsert_items([xc.NewItem("memo", text="a violet star memo", metadata={"site": "north"})])
+        same = client.upsert_items([xc.NewItem("memo", text="a violet star memo", metadata={"site": "north"})])
+        moved = client.upsert_items([xc.NewItem("memo", text="a violet star memo", metadata={"site": "south"})])
+        assert (same.unchanged, moved.changed) == (1, 1)
+        north = client.search(text="a violet star memo", target="text", k=50, where={"site": ["north"]}).hits
+        south = client.search(text="a violet star memo", target="text", k=50, where={"site": ["south"]}).hits
+        assert "memo" not in [h.item_id for h in north] and south[0].item_id == "memo"
+    finally:
+        server.stop()
