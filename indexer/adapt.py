@@ -233,6 +233,7 @@ def write_fitted(
     encoder: str,
     factory: str,
     parent_id: str | None,
+    memory_budget: int | None = None,
     label_field: str | None = None,
     warm_start: Head | None = None,
     progress: bool = False,
@@ -243,7 +244,15 @@ def write_fitted(
         catalog, store, config, label_field=label_field, warm_start=warm_start, progress=progress, feedback=feedback
     )
     manifest = write_snapshot(
-        data, catalog, store, head, encoder=encoder, factory=factory, parent_id=parent_id, metrics=metrics
+        data,
+        catalog,
+        store,
+        head,
+        encoder=encoder,
+        factory=factory,
+        memory_budget=memory_budget,
+        parent_id=parent_id,
+        metrics=metrics,
     )
     return manifest, report
 
@@ -268,6 +277,7 @@ def fit_snapshot(
     label_field: str | None = None,
     warm_start: bool = False,
     factory: str | None = None,
+    memory_budget: int | None = None,
     progress: bool = True,
     feedback: bool = True,
 ) -> tuple[Manifest, FitReport]:
@@ -276,20 +286,28 @@ def fit_snapshot(
 
     Args:
         warm_start: start from the live snapshot's head (same kind and sizes).
-        factory: FAISS factory (default: the live snapshot's, else Flat).
+        factory: ``auto`` or a FAISS factory string (default: what the live snapshot asked
+            for, else ``auto``).
+        memory_budget: bytes an index may take, for ``auto`` (default: the live snapshot's
+            when the factory is its too, else no limit).
         feedback: train on the feedback events too (see :func:`fit_from_catalog`).
     """
     data, catalog, store = open_data_dir(data_dir)
     current = data.current_id()
     live = Snapshot(data.snapshots / current) if current else None
     start = live.head if (warm_start and live is not None and live.head.kind == config.kind) else None
+    if factory is None:
+        factory = live.manifest.requested_factory if live else DEFAULT_FACTORY
+        if memory_budget is None and live is not None:
+            memory_budget = live.manifest.memory_budget
     return write_fitted(
         data,
         catalog,
         store,
         config,
         encoder=catalog.get_meta("encoder") or "",
-        factory=factory or (live.manifest.faiss_factory if live else DEFAULT_FACTORY),
+        factory=factory,
+        memory_budget=memory_budget,
         parent_id=current,
         label_field=label_field,
         warm_start=start,

@@ -28,6 +28,8 @@ class Manifest:
     base_dim: int
     dim: int
     head: dict[str, Any]  # kind, sha256 and the head's config
+    # The factory the indexes were built with: the one asked for, or under ``auto`` what it
+    # chose (``image=HNSW32,Flat text=Flat`` when the modalities differ).
     faiss_factory: str
     counts: dict[str, int]
     parent_id: str | None = None
@@ -36,6 +38,15 @@ class Manifest:
     # The catalog write sequence its indexes hold: items written later (upserts) are served
     # from a delta beside it. None in snapshots made before the live corpus.
     catalog_seq: int | None = None
+    # What the indexes were asked to be (``auto`` or a FAISS factory string) and under which
+    # memory budget (bytes); rewrites (compactions, refits) ask for the same. None in
+    # snapshots made before ``auto``: then faiss_factory is what was asked for.
+    factory_requested: str | None = None
+    memory_budget: int | None = None
+    # Per modality, the index chosen: {"requested", "factory", "reason", "params"}, params
+    # being the search parameters tuned at build time (efSearch, nprobe, k_factor) with the
+    # recall they reached. Empty in snapshots made before ``auto``.
+    index: dict[str, dict[str, Any]] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = MANIFEST_SCHEMA
 
@@ -46,6 +57,19 @@ class Manifest:
     @property
     def head_hash(self) -> str:
         return str(self.head["sha256"])
+
+    @property
+    def requested_factory(self) -> str:
+        """The factory string a rewrite of this snapshot asks for (``auto`` or FAISS's)."""
+        return self.factory_requested or self.faiss_factory
+
+    def modality_factory(self, modality: str) -> str:
+        """The FAISS factory ``modality``'s index was built with."""
+        return str(self.index.get(modality, {}).get("factory") or self.faiss_factory)
+
+    def search_params(self, modality: str) -> dict[str, Any]:
+        """The search parameters tuned for ``modality``'s index ({} when none were)."""
+        return dict(self.index.get(modality, {}).get("params") or {})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

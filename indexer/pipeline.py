@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import ann
 from .adapt import write_fitted
 from .catalog import Catalog, text_hash
 from .corpus import IMAGE, TEXT, Corpus, read_corpus
@@ -77,6 +78,8 @@ class IndexReport:
                 f"{verb} snapshot {self.snapshot.id} ({self.snapshot.head_kind} head, "
                 f"{counts[IMAGE]} images, {counts[TEXT]} texts, {self.snapshot.faiss_factory})"
             )
+            for modality, choice in sorted(self.snapshot.index.items()):
+                lines.append(f"  {modality} index: {ann.describe(choice)}")
             metrics = self.snapshot.metrics
             for name, label in (("zero_shot", "zero-shot"), ("adapted", "adapted ")):
                 for direction, m in sorted(metrics.get(name, {}).items(), reverse=True):
@@ -119,12 +122,15 @@ class IndexOptions:
     batch_size: int = DEFAULT_BATCH_SIZE  # encoder batch size
     shard_size: int = DEFAULT_SHARD_SIZE  # items per base shard (and per crash-safe commit)
     workers: int | None = None  # image decoding threads (default: cores, at most 4)
-    factory: str = DEFAULT_FACTORY  # FAISS index factory string (inner product)
+    factory: str = DEFAULT_FACTORY  # "auto" or a FAISS index factory string (inner product)
+    memory_budget: int | None = None  # bytes an index may take, for "auto" (None: no limit)
     progress: bool = True  # progress bars on stderr
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shard_size < 1:
             raise InvalidArgument("batch_size and shard_size must be at least 1")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise InvalidArgument(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
         if self.workers is not None and self.workers < 1:
             raise InvalidArgument(f"workers must be at least 1, got {self.workers}")
 
@@ -140,6 +146,7 @@ def index_corpus(
     shard_size: int = DEFAULT_SHARD_SIZE,
     workers: int | None = None,
     factory: str = DEFAULT_FACTORY,
+    memory_budget: int | None = None,
     progress: bool = True,
 ) -> IndexReport:
     """Index a corpus into a data directory (idempotent; resumes after a crash).
@@ -152,14 +159,20 @@ def index_corpus(
             too few train pairs for a trained kind, an identity head is written and the
             report says why.
         label_field: metadata field holding a class label (for label-aware losses).
-        batch_size, shard_size, workers, factory, progress: see :class:`IndexOptions`.
+        batch_size, shard_size, workers, factory, memory_budget, progress: see
+            :class:`IndexOptions`.
 
     Raises:
         CorpusError: unreadable corpus. FailedPrecondition: another encoder built this
         directory. InvalidArgument: bad options.
     """
     options = IndexOptions(
-        batch_size=batch_size, shard_size=shard_size, workers=workers, factory=factory, progress=progress
+        batch_size=batch_size,
+        shard_size=shard_size,
+        workers=workers,
+        factory=factory,
+        memory_budget=memory_budget,
+        progress=progress,
     )
     started = time.perf_counter()
     parsed = read_corpus(corpus)
@@ -278,8 +291,21 @@ class _IndexRun:
             live is not None
             and not changed
             and live.manifest.head_kind == config.kind
-            and live.manifest.faiss_factory == self.options.factory
+            and self._same_index(live.manifest)
             and live.encoder == self.encoder.identity
+        )
+
+    def _same_index(self, manifest: Manifest) -> bool:
+        """``manifest``'s indexes are what the options ask for: the same request, or (for
+        ``auto``, on a snapshot made before it) the factories ``auto`` would choose now."""
+        options = self.options
+        if manifest.requested_factory == options.factory and manifest.memory_budget == options.memory_budget:
+            return True
+        if options.factory != ann.AUTO or manifest.factory_requested is not None:
+            return False
+        return all(
+            manifest.modality_factory(m) == ann.choose_factory(n, manifest.dim, options.memory_budget)[0]
+            for m, n in manifest.counts.items()
         )
 
     def write_snapshot(self, config: FitConfig, label_field: str | None) -> None:
@@ -304,6 +330,7 @@ class _IndexRun:
             config,
             encoder=self.encoder.identity,
             factory=self.options.factory,
+            memory_budget=self.options.memory_budget,
             parent_id=current,
             label_field=label_field,
             progress=self.options.progress,

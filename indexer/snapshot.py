@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import logging
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from . import ann
 from .catalog import Catalog
 from .corpus import MODALITIES
 from .errors import FailedPrecondition, InvalidArgument, NotFound
@@ -36,7 +39,10 @@ from .manifest import MANIFEST_NAME, Manifest
 from .store import BaseStore, atomic_save_npy
 from .vectors import Vectors, load_vectors
 
-DEFAULT_FACTORY = "Flat"
+log = logging.getLogger(__name__)
+
+DEFAULT_FACTORY = ann.AUTO  # choose by item count and memory budget (see ann.py)
+TRAIN_ROWS = 200_000  # at most this many rows (or 40 per IVF list) train an index
 
 
 @dataclass
@@ -168,12 +174,20 @@ def erase_from_snapshot(
     shutil.rmtree(rewrite, ignore_errors=True)
     rewrite.mkdir()
     counts = dict(manifest.counts)
+    chosen = dict(manifest.index)
     for modality, base in vectors.items():
         projected = head.project(modality, base.array) if len(base) else np.zeros((0, head.dim_out), np.float32)
-        faiss.write_index(build_index(projected, manifest.faiss_factory), str(rewrite / f"{modality}.faiss"))
+        # the same kind of index (an erasure is no time to change it), tuned again
+        index, choice = build_index(projected, manifest.modality_factory(modality))
+        faiss.write_index(index, str(rewrite / f"{modality}.faiss"))
         atomic_save_npy(rewrite / f"{modality}.ids.npy", np.asarray(base.ids, dtype=str))
         counts[modality] = len(base)
+        if modality in chosen:
+            chosen[modality] = {**chosen[modality], "params": choice["params"]}
     manifest.counts = counts
+    if chosen:
+        manifest.index = chosen
+        manifest.metrics = {**manifest.metrics, "index": chosen}
     manifest.write(rewrite)
     (rewrite / COMMIT).touch()
     fsync_dir(rewrite)
@@ -215,14 +229,67 @@ def new_snapshot_id() -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
-def build_index(vectors: np.ndarray, factory: str = DEFAULT_FACTORY) -> faiss.Index:
-    """An inner-product FAISS index over normalised vectors (cosine similarity)."""
+def build_index(
+    vectors: np.ndarray,
+    factory: str = DEFAULT_FACTORY,
+    *,
+    memory_budget: int | None = None,
+    queries: np.ndarray | None = None,
+    flat_max: int | None = None,
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """An inner-product FAISS index over normalised vectors (cosine similarity), and what
+    was chosen.
+
+    Args:
+        factory: ``auto`` (:func:`ann.choose_factory` by item count and ``memory_budget``)
+            or any FAISS factory string.
+        memory_budget: bytes the index may take, for ``auto``.
+        queries: held-out queries to tune the search parameters on (default: noisy
+            copies of sampled rows).
+        flat_max: the item count up to which ``auto`` keeps Flat (default: the measured
+            crossover for the dimension).
+
+    Returns:
+        (index with the tuned parameters as its defaults, ``{"requested", "factory",
+        "reason", "params"}``); params: :func:`ann.tune`'s, {} for an exact index.
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    n, dim = vectors.shape
+    if factory.strip().lower() == ann.AUTO:
+        resolved, reason = ann.choose_factory(n, dim, memory_budget, flat_max=flat_max)
+    else:
+        resolved, reason = factory, "asked for with --factory"
+    index = faiss.index_factory(dim, resolved, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        index.train(vectors)
+        index.train(_training_rows(vectors, resolved))
     index.add(vectors)
-    return index
+    ann.prepare(index)
+    params = ann.tune(index, vectors, queries) if n else {}
+    ann.apply_parameters(index, params)
+    return index, {"requested": factory, "factory": resolved, "reason": reason, "params": params}
+
+
+def _training_rows(vectors: np.ndarray, factory: str) -> np.ndarray:
+    """All rows, or a random sample when there are many (k-means and PQ need no more)."""
+    lists = re.search(r"IVF(\d+)", factory)
+    cap = max(TRAIN_ROWS, 40 * int(lists.group(1))) if lists else TRAIN_ROWS
+    if len(vectors) <= cap:
+        return vectors
+    rows = np.sort(np.random.default_rng(0).choice(len(vectors), size=cap, replace=False))
+    return np.ascontiguousarray(vectors[rows])
+
+
+def read_index(path: Path, *, mmap: bool = False, factory: str = "") -> faiss.Index:
+    """Read an index file; ``mmap`` maps it read-only instead (pages shared between
+    processes, faster start): the inverted lists of IVF indexes (``factory`` says which),
+    the codes of flat and HNSW ones. A file that cannot be mapped is read, with a log line."""
+    if mmap:
+        flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if "IVF" in factory else faiss.IO_FLAG_MMAP_IFC)
+        try:
+            return faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            log.info("%s cannot be memory-mapped (%s): reading it", path.name, str(exc).splitlines()[0][:200])
+    return faiss.read_index(str(path))
 
 
 def write_snapshot(
@@ -233,6 +300,7 @@ def write_snapshot(
     *,
     encoder: str,
     factory: str = DEFAULT_FACTORY,
+    memory_budget: int | None = None,
     parent_id: str | None = None,
     metrics: dict | None = None,
     make_current: bool = True,
@@ -242,6 +310,10 @@ def write_snapshot(
     """Project every base vector with ``head``, build the indexes and write a snapshot.
 
     Args:
+        factory: ``auto`` (the default: Flat up to the crossover, an ANN index beyond it,
+            within ``memory_budget`` bytes; see ann.py) or a FAISS factory string. The
+            choice, its reason and the tuned search parameters go into the manifest
+            (``index``, and ``metrics["index"]`` for GetStatus) and one log line each.
         reuse_indexes_from: id of a snapshot whose index files are still right for
             ``head`` (a query-side refit): they are hard-linked, not rebuilt, and nothing
             is re-projected.
@@ -261,10 +333,12 @@ def write_snapshot(
         head_hash = head.save(tmp)
         if reuse_indexes_from is not None:
             parent = _link_indexes(data.snapshots / reuse_indexes_from, tmp)
-            factory, counts, seq = parent.faiss_factory, dict(parent.counts), parent.catalog_seq
+            built, counts, seq = parent.faiss_factory, dict(parent.counts), parent.catalog_seq
+            factory, memory_budget, chosen = parent.requested_factory, parent.memory_budget, parent.index
         else:
             vectors = vectors or load_vectors(store)
-            counts = _build_indexes(tmp, head, vectors, factory)
+            counts, chosen = _build_indexes(tmp, head, vectors, factory, memory_budget)
+            built = _summary(chosen)
             seq = max(v.max_seq for v in vectors.values())
         manifest = Manifest(
             id=snapshot_id,
@@ -273,9 +347,12 @@ def write_snapshot(
             base_dim=head.dim_in,
             dim=head.dim_out,
             head={"kind": head.kind, "sha256": head_hash, **head.config},
-            faiss_factory=factory,
+            faiss_factory=built,
+            factory_requested=factory,
+            memory_budget=memory_budget,
+            index=chosen,
             counts=counts,
-            metrics=metrics or {},
+            metrics={**(metrics or {}), **({"index": chosen} if chosen else {})},
             indexes_from=reuse_indexes_from,
             catalog_seq=seq,
         )
@@ -301,16 +378,49 @@ def _link_indexes(source: Path, tmp: Path) -> Manifest:
     return parent
 
 
-def _build_indexes(tmp: Path, head: Head, vectors: Vectors, factory: str) -> dict[str, int]:
-    """Project each modality's base vectors and write its index and id map."""
-    counts = {}
+def _build_indexes(
+    tmp: Path, head: Head, vectors: Vectors, factory: str, memory_budget: int | None
+) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """Project each modality's base vectors and write its index and id map; returns the
+    counts and each modality's index choice."""
+    projected = {
+        modality: head.project(modality, vectors[modality].array)
+        if len(vectors[modality])
+        else np.zeros((0, head.dim_out), np.float32)
+        for modality in MODALITIES
+    }
+    counts, chosen = {}, {}
     for modality in MODALITIES:
         base = vectors[modality]
-        projected = head.project(modality, base.array) if len(base) else np.zeros((0, head.dim_out), np.float32)
-        faiss.write_index(build_index(projected, factory), str(tmp / f"{modality}.faiss"))
+        others = [projected[m] for m in MODALITIES if m != modality and len(projected[m])]
+        queries = _tuning_queries(projected[modality], np.concatenate(others) if others else None)
+        index, choice = build_index(projected[modality], factory, memory_budget=memory_budget, queries=queries)
+        log.info("%s index: %s", modality, ann.describe(choice))
+        faiss.write_index(index, str(tmp / f"{modality}.faiss"))
         atomic_save_npy(tmp / f"{modality}.ids.npy", np.asarray(base.ids, dtype=str))
-        counts[modality] = len(base)
-    return counts
+        counts[modality], chosen[modality] = len(base), choice
+    return counts, chosen
+
+
+def _tuning_queries(vectors: np.ndarray, other: np.ndarray | None, count: int = ann.TUNE_QUERIES) -> np.ndarray | None:
+    """Held-out queries for one modality's index: half of them the other modality's
+    vectors (the cross-modal searches it serves), half noisy copies of its own rows (item
+    to item); None when it is empty."""
+    if not len(vectors):
+        return None
+    own = ann.held_out_queries(vectors, count if other is None else count // 2)
+    if other is None:
+        return own
+    rows = np.random.default_rng(1).choice(len(other), size=min(count - len(own), len(other)), replace=False)
+    return np.ascontiguousarray(np.concatenate([own, other[np.sort(rows)]]), dtype=np.float32)
+
+
+def _summary(chosen: dict[str, dict[str, Any]]) -> str:
+    """One factory string for the manifest: the shared one, or ``image=.. text=..``."""
+    factories = {modality: choice["factory"] for modality, choice in chosen.items()}
+    if len(set(factories.values())) == 1:
+        return next(iter(factories.values()))
+    return " ".join(f"{modality}={factory}" for modality, factory in factories.items())
 
 
 KEEP_SNAPSHOTS = 10  # snapshots kept for rollback, by default
@@ -331,7 +441,9 @@ def prune_snapshots(data: DataDir, keep: int) -> list[str]:
 class ModalityIndex:
     """One modality's FAISS index with its row -> id map (and the reverse)."""
 
-    def __init__(self, index: faiss.Index, ids: np.ndarray):
+    def __init__(self, index: faiss.Index, ids: np.ndarray, tuned: dict[str, Any] | None = None):
+        """``tuned``: the search parameters tuned at build time (the manifest's
+        ``index[modality]["params"]``); they become the index's defaults."""
         if index.ntotal != len(ids):
             raise FailedPrecondition(
                 f"index holds {index.ntotal} vectors but its id map {len(ids)}: snapshot is corrupt"
@@ -339,6 +451,18 @@ class ModalityIndex:
         self.index = index
         self.ids = ids
         self.rows = {item_id: row for row, item_id in enumerate(ids.tolist())}
+        self.tuned = dict(tuned or {})
+        self.family = ann.family(index)
+        self._typed = ann.needs_typed_params(index)
+        ann.prepare(index)  # IVF indexes of older snapshots: reconstruct needs a direct map
+        ann.apply_parameters(index, self.tuned)
+
+    def params(self, sel: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
+        """Per-call search parameters of the type this index needs (SearchParametersHNSW,
+        SearchParametersIVF, nested for refine and pre-transform layers) with the tuned
+        values and the IDSelector ``sel`` (rows to consider; the caller keeps it alive).
+        None for an exact index without a selector."""
+        return ann.search_parameters(self.index, self.tuned, sel)
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -351,17 +475,25 @@ class ModalityIndex:
         """Top-k (scores, rows) for a batch of queries; rows are -1 past the end.
 
         Args:
-            params: faiss SearchParameters (an IDSelector of the rows to consider), per call.
+            params: faiss SearchParameters, per call: from :meth:`params`, or plain ones
+                carrying an IDSelector, which are turned into the typed ones this index
+                needs (with the tuned values).
         """
         xq = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, max(1, self.index.ntotal))
-        return self.index.search(xq, k) if params is None else self.index.search(xq, k, params=params)
+        if params is None:
+            return self.index.search(xq, k)
+        if type(params) is faiss.SearchParameters and self._typed:
+            typed = self.params(params.sel)
+            return self.index.search(xq, k, params=typed)
+        return self.index.search(xq, k, params=params)
 
 
 class Snapshot:
     """A loaded, immutable snapshot. The server swaps whole Snapshot objects."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, *, mmap: bool = False):
+        """``mmap``: memory-map the index files read-only (see :func:`read_index`)."""
         self.folder = Path(folder)
         self.manifest = Manifest.read(self.folder)
         self.id = self.manifest.id
@@ -370,8 +502,11 @@ class Snapshot:
             raise FailedPrecondition(f"snapshot {self.id}: head does not match the manifest's hash")
         self.indexes = {
             modality: ModalityIndex(
-                faiss.read_index(str(self.folder / f"{modality}.faiss")),
+                read_index(
+                    self.folder / f"{modality}.faiss", mmap=mmap, factory=self.manifest.modality_factory(modality)
+                ),
                 np.load(self.folder / f"{modality}.ids.npy", allow_pickle=False),
+                self.manifest.search_params(modality),
             )
             for modality in MODALITIES
         }

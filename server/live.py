@@ -127,7 +127,7 @@ def search_parameters(index: Any, selector: Any) -> Any:
         hnsw = _downcast(inner, faiss.IndexHNSW)
         ivf = faiss.try_extract_index_ivf(inner) if inner is not None else None
         if hnsw is not None:
-            params = faiss.SearchParametersHNSW()
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
             params.efSearch = hnsw.hnsw.efSearch
         elif ivf is not None:
             params = faiss.SearchParametersIVF()

@@ -19,14 +19,21 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(
-    data: str, model: str, pretrained: str | None, threads: int | None, limits=None, allow_pickle: bool = False
+    data: str,
+    model: str,
+    pretrained: str | None,
+    threads: int | None,
+    limits=None,
+    allow_pickle: bool = False,
+    mmap: bool = False,
 ):
-    """A SearchEngine on ``data`` with its encoder loaded, debris cleaned and the live snapshot loaded."""
+    """A SearchEngine on ``data`` with its encoder loaded, debris cleaned and the live snapshot
+    loaded; ``mmap`` memory-maps the snapshots' index files."""
     from xmodal.indexer.encoder import load_encoder
     from xmodal.server.engine import Limits, SearchEngine
 
     encoder = load_encoder(model, pretrained, threads=threads, allow_pickle=allow_pickle)
-    engine = SearchEngine(data, encoder, limits=limits or Limits())
+    engine = SearchEngine(data, encoder, limits=limits or Limits(), mmap=mmap)
     engine.clean_debris()
     engine.load_current()
     return engine
@@ -157,6 +164,11 @@ class ServeCommand(Command):
         parser.add_argument("--data", required=True, help="data directory")
         add_field_flags(parser, ServeConfig, SERVE_FLAGS)
         parser.add_argument("--port-file", default=None, help="write the bound port to this file once serving")
+        parser.add_argument(
+            "--mmap",
+            action="store_true",
+            help="memory-map the index files read-only (faster start, pages shared between processes)",
+        )
         add_model_args(parser, default_from_data=True)
         add_field_flags(parser, Limits, LIMIT_FLAGS)
         add_field_flags(parser, CompactionPolicy, COMPACTION_FLAGS)
@@ -183,7 +195,7 @@ class ServeCommand(Command):
 
         config = serve_config(args)
         model, pretrained = model_args(args, Path(args.data))
-        engine = build_engine(args.data, model, pretrained, args.threads, limits(args), args.allow_pickle)
+        engine = build_engine(args.data, model, pretrained, args.threads, limits(args), args.allow_pickle, args.mmap)
         refitter = Refitter(engine, policy(args))
         if engine.snapshot is None:  # an empty data directory: serve it, empty, and take upserts
             engine.compactor.first_snapshot()
