@@ -300,3 +300,42 @@ def test_new_metadata_for_the_same_content_is_a_change_filters_see(filtered_data
         assert "memo" not in [h.item_id for h in north] and south[0].item_id == "memo"
     finally:
         server.stop()
+
+
+def test_declared_filter_fields_are_the_only_filterable_ones(tmp_path, world_corpus, encoder):
+    data = tmp_path / "data"
+    done = subprocess.run(
+        xmodal_cmd(
+            "index",
+            str(world_corpus),
+            "--data",
+            str(data),
+            "--model",
+            "xmodal-demo",
+            "--head",
+            "identity",
+            "--filter-fields",
+            "label",
+            "--no-progress",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    server = RunningServer(data, encoder)
+    try:
+        assert server.client.status().filter_fields == {"label": "text"}
+        hits = server.client.search(text="a large red ring", k=10, where={"label": ["ring"]}).hits
+        assert hits and all(h.metadata["label"] == "ring" for h in hits)
+        with pytest.raises(xc.InvalidArgument, match="field 'style' is not filterable; filterable fields: label"):
+            server.client.search(text="a ring", where={"style": ["source"]})
+    finally:
+        server.stop()
+    empty = subprocess.run(
+        xmodal_cmd("index", str(world_corpus), "--data", str(data), "--filter-fields", " , "),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert empty.returncode == 2 and "--filter-fields is empty" in empty.stderr

@@ -189,9 +189,11 @@ def parse_where(conditions: list[str]) -> dict[str, object]:
             where[name] = [v.strip() for v in value.split(",") if v.strip()]
             continue
         bound = _number_or_text(value)
-        low, high = where.get(name, (None, None)) if isinstance(where.get(name), tuple) else (None, None)
-        if name in where and not isinstance(where[name], tuple):
+        current = where.get(name, (None, None))
+        if not isinstance(current, tuple):
             raise ValueError(f"--where {text!r}: {name} has a condition already")
+        low: float | str | None = current[0]
+        high: float | str | None = current[1]
         low, high = (bound, high) if op == ">=" else (low, bound)
         if low is not None and high is not None and isinstance(low, str) != isinstance(high, str):
             raise ValueError(f"--where {text!r}: the ends of a range on {name} are both numbers or both text")

@@ -32,15 +32,31 @@ class IndexCommand(Command):
             help="items per base shard and commit (default %(default)s)",
         )
         parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: cores, max 4)")
+        _add_index_args(parser, DEFAULT_FACTORY, "default %(default)s")
         parser.add_argument(
-            "--factory", default=DEFAULT_FACTORY, help="FAISS index factory string (default %(default)s)"
+            "--filter-fields",
+            default=None,
+            metavar="A,B",
+            help="metadata fields searches may filter on (kept in the catalog; default: every field holding "
+            "text or numbers)",
         )
         add_progress_arg(parser)
 
+    def validate(self, args: argparse.Namespace) -> None:
+        if args.filter_fields is not None and not [f for f in args.filter_fields.split(",") if f.strip()]:
+            raise usage_error(args, "--filter-fields is empty: name at least one metadata field, e.g. modality,year")
+
     def run(self, args: argparse.Namespace) -> int:
+        from xmodal.indexer.catalog import Catalog
         from xmodal.indexer.encoder import load_encoder
         from xmodal.indexer.pipeline import index_corpus
+        from xmodal.indexer.snapshot import DataDir
+        from xmodal.server.filters import declare_fields
 
+        if args.filter_fields is not None:
+            data = DataDir(args.data)
+            data.create()
+            declare_fields(Catalog(data.catalog_path), args.filter_fields.split(","))
         model, pretrained = model_args(args, Path(args.data))
         encoder = load_encoder(model, pretrained, threads=args.threads, allow_pickle=args.allow_pickle)
         report = index_corpus(
@@ -53,6 +69,7 @@ class IndexCommand(Command):
             shard_size=args.shard_size,
             workers=args.workers,
             factory=args.factory,
+            memory_budget=args.memory_budget,
             progress=not args.no_progress,
         )
         print(report.summary())
@@ -72,16 +89,20 @@ class FitCommand(Command):
             action="store_true",
             help="train on the corpus pairs only (default: the feedback events' training slice too)",
         )
+        _add_index_args(parser, None, "default: what the live snapshot asked for, else auto")
         add_progress_arg(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from xmodal.indexer.adapt import fit_snapshot
+        from xmodal.indexer.ann import describe
 
         manifest, report = fit_snapshot(
             args.data,
             fit_config(args),
             label_field=args.label_field,
             warm_start=args.warm_start,
+            factory=args.factory,
+            memory_budget=args.memory_budget,
             progress=not args.no_progress,
             feedback=not args.no_feedback,
         )
@@ -93,6 +114,8 @@ class FitCommand(Command):
                 "(--no-feedback: corpus pairs only)"
             )
         print(f"wrote snapshot {manifest.id} ({manifest.head_kind} head) and made it current")
+        for modality, choice in sorted(manifest.index.items()):
+            print(f"  {modality} index: {describe(choice)}")
         for name in ("zero_shot", "adapted"):
             for direction, m in sorted(metrics.get(name, {}).items(), reverse=True):
                 print(
@@ -158,6 +181,37 @@ class EvalCommand(Command):
             bar_chart(comparison, out / "eval.png")
             print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'eval.png'}")
         return 0
+
+
+def _memory_budget(text: str) -> int:
+    from xmodal.indexer.ann import parse_bytes
+    from xmodal.indexer.errors import InvalidArgument
+
+    try:
+        value = parse_bytes(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    assert value is not None
+    return value
+
+
+def _add_index_args(parser: argparse.ArgumentParser, default: str | None, default_help: str) -> None:
+    parser.add_argument(
+        "--factory",
+        default=default,
+        help=(
+            "index kind: auto (Flat while exact search is fast enough, else HNSW, IVF-SQ8 or OPQ-IVF-PQ "
+            "with a refine step, search parameters tuned to recall@10 >= 0.98) or any FAISS factory string "
+            f"({default_help})"
+        ),
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=_memory_budget,
+        default=None,
+        metavar="BYTES",
+        help="most memory an index may take, for --factory auto: bytes or 512M, 4G (default: no limit)",
+    )
 
 
 def _kinds(args: argparse.Namespace) -> list[str]:
