@@ -71,6 +71,9 @@ def test_after_kill_and_resume_every_item_is_there_exactly_once(roco_data):
         assert len(ids) == len(set(ids)) == 2000 and vectors.shape[0] == 2000
     snapshot = load_current(DataDir(roco_data))
     assert snapshot.manifest.counts == {IMAGE: 2000, TEXT: 2000}
+    for modality in (IMAGE, TEXT):  # --factory auto keeps exact search at ROCO's size, and says why
+        choice = snapshot.manifest.index[modality]
+        assert choice["requested"] == "auto" and choice["factory"] == "Flat" and "crossover" in choice["reason"]
     assert sum(catalog.count_pairs().values()) == 2000
 
 
