@@ -7,19 +7,23 @@ through several compactions.
 is started in this process on 127.0.0.1, and everything else goes through the Python client
 over gRPC, as a frontend's calls would. In order:
 
-1. search with nothing in deltas, then with ``--deltas`` items in deltas (text items
-   upserted to reach each count; the upserts of step 2 count towards the last one);
+1. search (text query, k=10, one client) on the snapshot as indexed;
 2. upsert throughput: ``--upserts`` new image-caption pairs per batch size in ``--batches``
    (images, then their captions), each call timed beside the bare encoder on the same items
-   (decode included), alternating which goes first;
-3. acknowledgement to visible (an upserted caption found by the next search) and delete latency;
-4. search with ``--tombstones`` shares of the base items deleted (images and their captions);
+   (decode included), alternating which goes first, the batch sizes taking turns over
+   ``--rounds`` rounds;
+3. acknowledgement to visible (an upserted caption found by the next search) and delete
+   latency; then the items of step 2 are deleted and a compaction erases them: the base
+   items alone again, nothing in deltas;
+4. search with ``--deltas`` shares of the base items' count in deltas (text items upserted to
+   reach each count: 1,000 and 10,000 at 100,000 base items), then also with
+   ``--tombstones`` shares of the base items deleted (images and their captions);
 5. one compaction (``client.compact()``: folds the deltas, erases the deleted items), then
    search on the compacted snapshot, and each p50 above against its p50;
 6. ``--clients`` threads searching without pause while ``--compactions`` rounds each upsert
    and delete some items, then compact: errors, searches, compaction times, latencies.
 
-    python bench/live.py [--base 50000] [--upserts 2000] [--queries 300] [--out DIR]
+    python bench/live.py [--base 50000] [--upserts 4000] [--queries 300] [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import threading
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from xmodal.client import NewItem, SearchClient
@@ -94,34 +99,48 @@ def bare_encode(encoder, batch: list[NewItem]) -> None:
         encoder.encode_texts([i.text for i in batch])
 
 
-def upsert_vs_bare(client: SearchClient, encoder, items: list[NewItem], size: int) -> dict:
-    """Items/s of UpsertItems and of the bare encoder on the same batches, call by call,
+def upsert_vs_bare(client: SearchClient, encoder, items: list[NewItem], size: int) -> list[tuple[float, float]]:
+    """(bare encoder s, UpsertItems s) of each call of ``size`` items, on the same batches,
     alternating which goes first (the machine's speed drifts; this keeps the two side by side)."""
-    upsert_s = bare_s = 0.0
+    calls = []
     for n, batch in enumerate(batches(items, size)):
+        spent = {}
         for step in ("bare", "upsert") if n % 2 == 0 else ("upsert", "bare"):
             t0 = time.perf_counter()
             if step == "bare":
                 bare_encode(encoder, batch)
-                bare_s += time.perf_counter() - t0
             else:
                 client.upsert_items(batch)
-                upsert_s += time.perf_counter() - t0
-    return {
-        "items": len(items),
-        "upsert_items_per_s": len(items) / upsert_s,
-        "bare_encoder_items_per_s": len(items) / bare_s,
-        "ratio": bare_s / upsert_s,
-    }
+            spent[step] = time.perf_counter() - t0
+        calls.append((spent["bare"], spent["upsert"]))
+    return calls
 
 
-def throughput(client: SearchClient, encoder, n: int, sizes: list[int]) -> dict:
-    out: dict = {}
-    for seed, size in enumerate(sizes, start=11):
-        images, texts = new_items(n, seed=seed)
-        out[f"batch_{size}"] = {
-            "images": upsert_vs_bare(client, encoder, images, size),
-            "texts": upsert_vs_bare(client, encoder, texts, size),
+def throughput(client: SearchClient, encoder, n: int, sizes: list[int], rounds: int, upserted: list[str]) -> dict:
+    """``n`` new image-caption pairs per batch size, in ``rounds`` rounds that take the batch
+    sizes in turn (images, then their captions); the ratio is bare encoder s / upsert s.
+    The ids upserted are added to ``upserted``."""
+    calls: dict = {(size, kind): [] for size in sizes for kind in ("images", "texts")}
+    for warm_up in new_items(min(n, 2 * max(sizes)), seed=999):  # first calls of the server's threads
+        upsert_vs_bare(client, encoder, warm_up, max(sizes))
+        upserted += [i.item_id for i in warm_up]
+    for r in range(rounds):
+        for k, size in enumerate(sizes if r % 2 == 0 else sizes[::-1]):
+            images, texts = new_items(n // rounds, seed=1000 + 10 * r + k)
+            upserted += [i.item_id for i in images + texts]
+            calls[size, "images"] += upsert_vs_bare(client, encoder, images, size)
+            calls[size, "texts"] += upsert_vs_bare(client, encoder, texts, size)
+    out: dict = {f"batch_{size}": {} for size in sizes}
+    for (size, kind), spent in calls.items():
+        items = n // rounds * rounds
+        bare_s, upsert_s = sum(b for b, _ in spent), sum(u for _, u in spent)
+        out[f"batch_{size}"][kind] = {
+            "items": items,
+            "calls": len(spent),
+            "upsert_items_per_s": items / upsert_s,
+            "bare_encoder_items_per_s": items / bare_s,
+            "ratio": bare_s / upsert_s,
+            "ratio_median_of_calls": float(np.median([b / u for b, u in spent])),
         }
     return out
 
@@ -275,33 +294,35 @@ def through_compactions(
 
 # -- the run ---------------------------------------------------------------------------------
 def measure(client: SearchClient, engine: SearchEngine, encoder, queries: list[str], args: argparse.Namespace) -> dict:
-    out: dict = {"search": {}, "phase_seconds": {}}
+    out: dict = {"search": {}, "phase_seconds": {}, "load_average_1min_after": []}
     search = out["search"]
     last = [time.perf_counter()]
 
     def lap(name: str) -> None:  # wall time of each step, to see where a run spends it
         now = time.perf_counter()
         out["phase_seconds"][name] = out["phase_seconds"].get(name, 0.0) + now - last[0]
+        out["load_average_1min_after"].append([name, os.getloadavg()[0]])  # the machine is shared
         last[0] = now
 
+    out["indexes"] = {"as_indexed": indexes(engine)}
     search["deltas_0"] = {"in_deltas": in_deltas(engine), **search_latency(client, queries)}
     lap("search")
-    levels = sorted(args.deltas)
-    for level in levels[:-1]:
+    upserted: list[str] = []
+    out["upsert"] = throughput(client, encoder, args.upserts, args.batches, args.rounds, upserted)
+    lap("upsert_vs_bare")
+    out["visible_and_delete"] = visible_and_delete(client)
+    lap("visible_and_delete")
+    delete_all(client, upserted)  # and a compaction: the base items alone again, nothing in deltas
+    out["compaction_after_upserts"] = compact(client, engine)
+    lap("compaction")
+    ids = base_ids(args.base)
+    for share in sorted(args.deltas):
+        level = int(round(share * len(ids)))
         count = fill_deltas(client, engine, level, str(level))
         lap("fill_deltas")
         search[f"deltas_{level}"] = {"in_deltas": count, **search_latency(client, queries)}
         lap("search")
-    out["upsert"] = throughput(client, encoder, args.upserts, args.batches)
-    lap("upsert_vs_bare")
-    out["visible_and_delete"] = visible_and_delete(client)
-    lap("visible_and_delete")
-    count = fill_deltas(client, engine, levels[-1], str(levels[-1]))
-    lap("fill_deltas")
-    search[f"deltas_{levels[-1]}"] = {"in_deltas": count, **search_latency(client, queries)}
-    lap("search")
 
-    ids = base_ids(args.base)
     deleted, delete_calls = 0, []
     for share in sorted(args.tombstones):
         doomed = ids[deleted : int(round(share * len(ids)))]
@@ -316,16 +337,8 @@ def measure(client: SearchClient, engine: SearchEngine, encoder, queries: list[s
         lap("search")
     out[f"delete_{MAX_CALL}_ids_per_call"] = percentiles(delete_calls)
 
-    t0 = time.perf_counter()
-    result = client.compact(timeout=3600)
-    out["compaction"] = {
-        "seconds": time.perf_counter() - t0,
-        "server_seconds": result.seconds,
-        "folded_items": result.folded_items,
-        "erased_items": result.erased_items,
-        "rewritten_snapshots": result.rewritten_snapshots,
-        "items_after": sum(len(i) for i in engine.view.state().snapshot.indexes.values()),
-    }
+    out["compaction"] = compact(client, engine)
+    out["indexes"]["compacted"] = indexes(engine)
     lap("compaction")
     search["compacted"] = {"in_deltas": in_deltas(engine), **search_latency(client, queries)}
     lap("search")
@@ -339,6 +352,28 @@ def measure(client: SearchClient, engine: SearchEngine, encoder, queries: list[s
     lap("through_compactions")
     out["goals"] = goals(out, args)
     return out
+
+
+def compact(client: SearchClient, engine: SearchEngine) -> dict:
+    t0 = time.perf_counter()
+    result = client.compact(timeout=3600)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "server_seconds": result.seconds,
+        "folded_items": result.folded_items,
+        "erased_items": result.erased_items,
+        "rewritten_snapshots": result.rewritten_snapshots,
+        "items_after": sum(len(i) for i in engine.view.state().snapshot.indexes.values()),
+    }
+
+
+def indexes(engine: SearchEngine) -> dict:
+    """The live snapshot's FAISS index per modality (search time depends on it)."""
+    snapshot = engine.view.state().snapshot
+    return {
+        "factory": snapshot.manifest.faiss_factory,
+        **{m: type(faiss.downcast_index(i.index)).__name__ for m, i in snapshot.indexes.items()},
+    }
 
 
 def goals(out: dict, args: argparse.Namespace) -> dict:
@@ -372,9 +407,10 @@ def float_list(value: str) -> list[float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=int, default=50000, help="indexed pairs (2 items each) before the upserts")
-    parser.add_argument("--upserts", type=int, default=2000, help="image-caption pairs upserted per batch size")
+    parser.add_argument("--upserts", type=int, default=4000, help="image-caption pairs upserted per batch size")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds that take the batch sizes in turn")
     parser.add_argument("--batches", type=int_list, default=[64, 256], help="items per upsert call to measure")
-    parser.add_argument("--deltas", type=int_list, default=[1000, 10000], help="items in deltas to search with")
+    parser.add_argument("--deltas", type=float_list, default=[0.01, 0.10], help="items in deltas, shares of base items")
     parser.add_argument("--tombstones", type=float_list, default=[0.01, 0.10], help="shares of base items deleted")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--clients", type=int, default=16, help="search threads through the compactions")
