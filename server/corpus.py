@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_ID_CHARS = 512
+BLOB_WRITERS = 4
 
 TOMBSTONES = """
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -110,7 +111,9 @@ class CorpusWrites:
     ):
         self.data, self.catalog, self.store, self.encoder = data, catalog, store, encoder
         self.view, self.limits = view, limits
-        self._blob_writer = ThreadPoolExecutor(1, thread_name_prefix="xmodal-blobs")
+        # image files are written (and fsynced) in parallel while the encoder runs: one at a
+        # time, their fsyncs took longer than encoding the batch (bench/live.py)
+        self._blob_writer = ThreadPoolExecutor(BLOB_WRITERS, thread_name_prefix="xmodal-blobs")
         self.compactor: Compactor | None = None  # set by the engine: purges and first snapshots
         catalog.ensure_schema(TOMBSTONES)
         FeedbackLog(catalog)  # its table: deletes forget the events that used an item
@@ -196,14 +199,14 @@ class CorpusWrites:
                     images.append(decode_image(item.image or b"", max_pixels=self.limits.max_pixels))
                 except XmodalError as exc:  # undecodable, or past the pixel limit
                     raise type(exc)(f"item {item.item_id!r}: {exc}") from None
-        written = self._blob_writer.submit(
-            lambda: {i.item_id: self._write_blob(i.image, i.content_hash) for i in items if i.image is not None}
-        )
+        unique = {i.content_hash: i.image for i in items if i.image is not None}  # one writer per file
+        written = {h: self._blob_writer.submit(self._write_blob, data, h) for h, data in unique.items()}
         vectors = {
             TEXT: self.encoder.encode_texts(texts) if texts else np.zeros((0, self.encoder.dim), np.float32),
             IMAGE: self.encoder.encode_images(images),
         }
-        return vectors, written.result()
+        paths = {h: future.result() for h, future in written.items()}
+        return vectors, {i.item_id: paths[i.content_hash] for i in items if i.image is not None}
 
     def _write_blob(self, data: bytes, content_hash: str) -> str:
         """Image bytes under blobs/, content-addressed; returns the path relative to the data directory."""
