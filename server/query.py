@@ -80,7 +80,9 @@ def _exact(
     """(id, score) of the k best of ``vectors[rows]`` for ``query`` by inner product."""
     if not len(rows):
         return []
-    scores = np.asarray(vectors)[rows] @ query.reshape(-1)
+    # all rows: no gather (a copy of every vector) before the product
+    picked = vectors if len(rows) == len(vectors) else np.asarray(vectors)[rows]
+    scores = picked @ query.reshape(-1)
     top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
     top = top[np.argsort(-scores[top])]
     return [(str(ids[rows[i]]), float(scores[i])) for i in top]
