@@ -131,7 +131,8 @@ def test_a_served_empty_directory_fits_a_head_once_upserted_pairs_suffice(tmp_pa
             assert {s.head_kind for s in client.list_snapshots()} == {"identity"}
             upsert(address, write_manifest(tmp_path / "m.jsonl", world_corpus, images=200, texts=200, pairs=200))
             deadline = time.monotonic() + 300
-            while "mlp" not in {s.head_kind for s in client.list_snapshots()}:
+            # the refit writes its snapshot before it makes it live: wait for the live one
+            while [s.head_kind for s in client.list_snapshots() if s.live] != ["mlp"]:
                 assert time.monotonic() < deadline, [r.message for r in client.status().refits]
                 time.sleep(1)
             live = [s for s in client.list_snapshots() if s.live][0]
