@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install proto bench clean
+.PHONY: demo test lint install proto bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,16 @@ lint: $(STAMP)
 	ln -s $(CURDIR)/proto/xmodal/v1 $(TYPECHECK)/xmodal/v1
 	ln -s $(CURDIR)/bench $(TYPECHECK)/bench
 	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml xmodal bench
+
+# Debian's chromium and chromedriver for tests/test_web.py's browser test (skipped without
+# them, except under CI=true). Needs root or sudo; does nothing when both are installed.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver are installed"; \
+	else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 # Regenerate the committed gRPC stubs after editing proto/xmodal/v1/*.proto.
 proto: $(STAMP)

@@ -105,6 +105,7 @@ class UpsertResult:
     changed: int
     unchanged: int
     pairs_added: int
+    item_ids: tuple[str, ...] = ()  # in request order; a DICOM image sent without an id gets a derived one
 
 
 @dataclass(frozen=True)
@@ -509,7 +510,7 @@ class SearchClient:
         request = pb.UpsertItemsRequest(items=_new_items(items))
         with map_errors(self.target):
             r = self._index.UpsertItems(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        return UpsertResult(r.added, r.changed, r.unchanged, r.pairs_added)
+        return UpsertResult(r.added, r.changed, r.unchanged, r.pairs_added, tuple(r.item_ids))
 
     def delete_items(
         self, item_ids: Sequence[str], *, purge: bool = False, timeout: float | None = None

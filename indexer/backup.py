@@ -3,7 +3,7 @@
 The copy is made holding the base store's lock (BaseStore.lock, an flock other processes
 see), so that no compaction rewrites a shard, erases from a snapshot or commits an upsert
 meanwhile: the catalog is copied with SQLite's backup API (one consistent state), then the
-base shards, the image files under ``blobs/``, CURRENT and the snapshot folders. Restoring
+base shards, the image files under ``blobs/``, the DICOM id key, CURRENT and the snapshot folders. Restoring
 is copying the backup folder into place as the data directory.
 """
 
@@ -53,6 +53,8 @@ def _copy(data: DataDir, out: Path) -> dict:
             shards += 1
     if (data.root / "blobs").is_dir():
         shutil.copytree(data.root / "blobs", out / "blobs", ignore=shutil.ignore_patterns(".*.tmp"))
+    if (data.root / "dicom.key").is_file():  # DICOM item ids are derived with it
+        shutil.copy2(data.root / "dicom.key", out / "dicom.key")
     current = data.current_id()
     copied = 0
     for snapshot_id in data.snapshot_ids():

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY,
     modality TEXT NOT NULL CHECK (modality IN ('image', 'text')),
     text TEXT NOT NULL DEFAULT '',
-    source TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT '',  -- shown to clients: relative to the corpus root, never a server path
     metadata TEXT NOT NULL DEFAULT '{}',
     content_hash TEXT NOT NULL,
     shard INTEGER,            -- base/<modality>/shard-<n>.npy holding its base vector
@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS items (
     error TEXT,               -- why it could not be embedded (undecodable image)
     added_at REAL NOT NULL,
     seq INTEGER NOT NULL DEFAULT 0,  -- when its base vector was written (catalog-wide order)
-    blob TEXT                 -- image bytes sent over gRPC: their file under the data directory
+    blob TEXT,                -- the file under the data directory GetItems returns (upserted bytes, DICOM copies)
+    path TEXT                 -- an indexed image file's own path, read by the server only
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (modality, shard);
 CREATE TABLE IF NOT EXISTS pairs (
@@ -157,22 +158,27 @@ class Catalog:
                     item.source,
                     json.dumps(item.metadata, sort_keys=True),
                     content_hash,
+                    item.path or None,
                 )
                 if row is None:
                     db.execute(
-                        "INSERT INTO items (modality, text, source, metadata, content_hash, id, added_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO items (modality, text, source, metadata, content_hash, path, id, added_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (*values, item.id, now),
                     )
                     counts["added"] += 1
                 elif row[0] != content_hash:
                     db.execute(
-                        "UPDATE items SET modality=?, text=?, source=?, metadata=?, content_hash=?, "
-                        "shard=NULL, row=NULL, error=NULL WHERE id=?",
+                        "UPDATE items SET modality=?, text=?, source=?, metadata=?, content_hash=?, path=?, "
+                        "shard=NULL, row=NULL, error=NULL, blob=NULL WHERE id=?",
                         (*values, item.id),
                     )
                     counts["changed"] += 1
                 else:
+                    # same content: the corpus may have moved, or a catalog from before sources were relative
+                    db.execute(
+                        "UPDATE items SET source=?, path=? WHERE id=?", (item.source, item.path or None, item.id)
+                    )
                     counts["unchanged"] += 1
         return counts
 
@@ -192,7 +198,8 @@ class Catalog:
         return (
             self.db()
             .execute(
-                "SELECT id, text, source FROM items WHERE modality = ? AND shard IS NULL AND error IS NULL ORDER BY id",
+                "SELECT id, text, source, path FROM items WHERE modality = ? AND shard IS NULL AND error IS NULL "
+                "ORDER BY id",
                 (modality,),
             )
             .fetchall()
@@ -213,6 +220,11 @@ class Catalog:
             db.executemany(
                 "UPDATE items SET shard = ?, row = ? WHERE id = ?", [(shard, row, i) for row, i in enumerate(ids)]
             )
+
+    def set_blobs(self, blobs: dict[str, str]) -> None:
+        """Point items at the files under the data directory that GetItems returns for them."""
+        with self.tx() as db:
+            db.executemany("UPDATE items SET blob = ? WHERE id = ?", [(blob, i) for i, blob in blobs.items()])
 
     def set_failed(self, failures: dict[str, str]) -> None:
         with self.tx() as db:
@@ -280,7 +292,8 @@ class Catalog:
     def get_items(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
         """Rows for the given ids (missing ids are simply absent)."""
         return {
-            row["id"]: row for row in self._rows_by_id("id, modality, text, source, metadata, content_hash, blob", ids)
+            row["id"]: row
+            for row in self._rows_by_id("id, modality, text, source, metadata, content_hash, blob, path", ids)
         }
 
     # -- snapshots --------------------------------------------------------------------
@@ -305,9 +318,9 @@ def next_seq(db: sqlite3.Connection) -> int:
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
-    """Catalogs made before the live corpus lack items.seq and items.blob."""
+    """Catalogs made before the live corpus lack items.seq and items.blob; before DICOM, items.path."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
-    for name, declaration in (("seq", "INTEGER NOT NULL DEFAULT 0"), ("blob", "TEXT")):
+    for name, declaration in (("seq", "INTEGER NOT NULL DEFAULT 0"), ("blob", "TEXT"), ("path", "TEXT")):
         if name not in columns:
             db.execute(f"ALTER TABLE items ADD COLUMN {name} {declaration}")
 

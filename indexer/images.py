@@ -2,29 +2,35 @@
 
 Grayscale, palette, CMYK, alpha and 16-bit/float images are converted; EXIF orientation
 is applied; images whose declared pixel count is past a limit are refused before their
-pixels are decoded (decompression bombs).
+pixels are decoded (decompression bombs). DICOM files (the ``DICM`` preamble) are read by
+:mod:`.dicom`, windowed as a radiologist expects.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidImage, ResourceExhausted
 
+if TYPE_CHECKING:
+    from .dicom import Window
+
 # Default limit on width * height, checked from the header before decoding.
 DEFAULT_MAX_PIXELS = 50_000_000
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, window: Window | None = None) -> Image.Image:
     """Decode encoded image bytes into an RGB image.
 
     Args:
-        data: the file's bytes (JPEG, PNG, TIFF, BMP, GIF, WebP, ...).
+        data: the file's bytes (JPEG, PNG, TIFF, BMP, GIF, WebP, DICOM, ...).
         max_pixels: refuse images whose header declares more pixels than this.
+        window: for a DICOM file, the window that replaces the file's own (None: its own).
 
     Returns:
         An 8-bit RGB ``PIL.Image.Image``, EXIF orientation applied.
@@ -35,6 +41,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     """
     if not data:
         raise InvalidImage("image bytes are empty: send the encoded file (JPEG, PNG, ...)")
+    if data[128:132] == b"DICM":
+        from .dicom import render
+
+        return render(data, window=window, max_pixels=max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -44,7 +54,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ResourceExhausted(f"image refused before decoding: {exc}; the limit is {max_pixels:,} pixels") from None
     except UnidentifiedImageError:
         raise InvalidImage(
-            f"{len(data)} bytes that are not a recognised image format: send JPEG, PNG, TIFF, BMP, GIF or WebP"
+            f"{len(data)} bytes that are not a recognised image format: send JPEG, PNG, TIFF, BMP, GIF, WebP or DICOM"
         ) from None
     except (OSError, ValueError) as exc:
         raise InvalidImage(f"image header could not be read ({exc})") from None

@@ -22,16 +22,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import ann
+from . import ann, dicom
 from .adapt import write_fitted
 from .catalog import Catalog, text_hash
+from .clinical import DicomSettings, HeaderReader, key_for, read_clinical, stored_settings, update_settings
 from .corpus import IMAGE, TEXT, Corpus, read_corpus
 from .encoder import Encoder
 from .errors import InvalidArgument, XmodalError
-from .images import decode_image
+from .images import DEFAULT_MAX_PIXELS, decode_image
 from .manifest import Manifest
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot
-from .store import BaseStore
+from .store import BaseStore, write_blob
 from .train import FitConfig
 
 DEFAULT_BATCH_SIZE = 64
@@ -44,6 +45,7 @@ class IndexReport:
     pairs_added: int = 0
     embedded: dict = field(default_factory=lambda: {IMAGE: 0, TEXT: 0})
     failed: list = field(default_factory=list)  # (item id, reason) of images skipped
+    skipped: list = field(default_factory=list)  # (source, reason) of corpus files left out (DICOM without pixels...)
     removed_debris: list = field(default_factory=list)
     snapshot: Manifest | None = None
     snapshot_written: bool = False
@@ -62,6 +64,10 @@ class IndexReport:
                 else ""
             ),
         ]
+        if self.skipped:
+            shown = "; ".join(f"{source}: {reason}" for source, reason in self.skipped[:5])
+            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            lines.append(f"left out {len(self.skipped)} file(s) of the corpus: {shown}{more}")
         if self.removed_debris:
             lines.append(f"removed {len(self.removed_debris)} leftover file(s) of an interrupted run")
         if self.failed:
@@ -96,7 +102,7 @@ def _hash_file(path: str) -> str:
         with open(path, "rb") as handle:
             return hashlib.sha256(handle.read()).hexdigest()
     except OSError:
-        return "unreadable:" + path  # the decode step reports it
+        return "unreadable:" + hashlib.sha256(path.encode()).hexdigest()  # the decode step reports it
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, depth: int) -> Iterator:
@@ -148,6 +154,9 @@ def index_corpus(
     factory: str = DEFAULT_FACTORY,
     memory_budget: int | None = None,
     progress: bool = True,
+    dicom_window: dicom.Window | None = None,
+    dicom_fields: tuple[str, ...] | None = None,
+    allow_burned_in: bool | None = None,
 ) -> IndexReport:
     """Index a corpus into a data directory (idempotent; resumes after a crash).
 
@@ -161,6 +170,9 @@ def index_corpus(
         label_field: metadata field holding a class label (for label-aware losses).
         batch_size, shard_size, workers, factory, memory_budget, progress: see
             :class:`IndexOptions`.
+        dicom_window, dicom_fields, allow_burned_in: how DICOM files are read (see
+            xmodal.indexer.clinical); stored in the catalog, so later runs and the server
+            read them the same way. None keeps what the catalog holds.
 
     Raises:
         CorpusError: unreadable corpus. FailedPrecondition: another encoder built this
@@ -175,9 +187,16 @@ def index_corpus(
         progress=progress,
     )
     started = time.perf_counter()
-    parsed = read_corpus(corpus)
-    run = _IndexRun(DataDir(data_dir), encoder, options)
+    data = DataDir(data_dir)
+    # the corpus is read before the data directory is touched: a bad corpus leaves nothing behind
+    settings = stored_settings(data.catalog_path).replace(
+        window=dicom_window, fields=dicom_fields, allow_burned_in=allow_burned_in
+    )
+    parsed = read_corpus(corpus, dicom=HeaderReader(settings, lambda: key_for(data.root)))
+    run = _IndexRun(data, encoder, options)
     try:
+        run.dicom = update_settings(run.catalog, settings)
+        run.report.skipped = parsed.skipped
         with ThreadPoolExecutor(
             max_workers=options.workers or max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="xmodal-decode"
         ) as pool:
@@ -199,6 +218,8 @@ class _IndexRun:
         self.data, self.encoder, self.options = data, encoder, options
         self.catalog = Catalog(data.catalog_path)
         self.store = BaseStore(data.base, self.catalog)
+        self.dicom = DicomSettings()
+        self.dicom_key = key_for(data.root)
         self.report = IndexReport()
         self.report.removed_debris = [str(p) for p in self.store.clean() + data.clean()]
         self.catalog.bind_encoder(
@@ -212,7 +233,7 @@ class _IndexRun:
         """Catalog rows for every item (keyed by id and content hash) and every pair."""
         hashes = list(
             pool.map(
-                lambda item: _hash_file(item.source) if item.modality == IMAGE else text_hash(item.text), parsed.items
+                lambda item: _hash_file(item.path) if item.modality == IMAGE else text_hash(item.text), parsed.items
             )
         )
         self.report.items = self.catalog.upsert_items(zip(parsed.items, hashes, strict=True))
@@ -231,16 +252,21 @@ class _IndexRun:
                 self.store.append(TEXT, [r["id"] for r in chunk], np.concatenate(vectors))
                 self.report.embedded[TEXT] += len(chunk)
 
-    def _prepare(self, row) -> tuple[str, torch.Tensor | None, str | None]:
-        """Read and preprocess one image (in a worker thread): (id, tensor, error)."""
+    def _prepare(self, row) -> tuple[str, torch.Tensor | None, str | None, str | None]:
+        """Read and preprocess one image (in a worker thread): (id, tensor, error, blob). A
+        DICOM file's de-identified copy is written under blobs/ (GetItems returns it)."""
         try:
-            with open(row["source"], "rb") as handle:
+            with open(row["path"] or row["source"], "rb") as handle:
                 data_bytes = handle.read()
-            return row["id"], self.encoder.image_tensor(decode_image(data_bytes)), None
+            if not dicom.is_dicom(data_bytes):
+                return row["id"], self.encoder.image_tensor(decode_image(data_bytes)), None, None
+            clinical = read_clinical(data_bytes, self.dicom, self.dicom_key, max_pixels=DEFAULT_MAX_PIXELS)
+            blob = write_blob(self.data.root, clinical.deidentified)
+            return row["id"], self.encoder.image_tensor(clinical.image), None, blob
         except OSError as exc:
-            return row["id"], None, f"cannot read {row['source']}: {exc.strerror or exc}"
+            return row["id"], None, f"cannot read {row['source']}: {exc.strerror or 'unreadable'}", None
         except XmodalError as exc:
-            return row["id"], None, str(exc)
+            return row["id"], None, str(exc), None
 
     def embed_images(self, pool: ThreadPoolExecutor) -> None:
         """Decode images in ``pool`` while the encoder runs batches; one shard per chunk."""
@@ -260,14 +286,17 @@ class _IndexRun:
         ids: list[str] = []
         vectors: list[np.ndarray] = []
         failures: dict[str, str] = {}
+        blobs: dict[str, str] = {}
         batch_ids: list[str] = []
         batch: list[torch.Tensor] = []
         prepared = _bounded_map(pool, self._prepare, chunk, depth=self.options.batch_size * 2)
-        for item_id, tensor, error in prepared:
+        for item_id, tensor, error, blob in prepared:
             if error is not None:
                 failures[item_id] = error
                 bar.update(1)
                 continue
+            if blob is not None:
+                blobs[item_id] = blob
             batch_ids.append(item_id)
             batch.append(tensor)
             if len(batch) == self.options.batch_size:
@@ -281,6 +310,8 @@ class _IndexRun:
             bar.update(len(batch_ids))
         if failures:
             self.catalog.set_failed(failures)
+        if blobs:
+            self.catalog.set_blobs(blobs)  # before the shard commit: an embedded DICOM item always has its copy
         return ids, vectors
 
     def _up_to_date(self, live: Snapshot | None, config: FitConfig) -> bool:

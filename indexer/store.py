@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import threading
@@ -33,6 +34,25 @@ from .heads import fsync_dir
 from .vectors import ModalityVectors
 
 _SHARD = re.compile(r"^shard-(\d{6})\.npy$")
+
+
+def write_blob(root: Path, data: bytes, name: str | None = None) -> str:
+    """Bytes under ``root/blobs/``, content-addressed (by ``name``, else their sha256), written
+    to a temporary name, fsynced and moved into place; returns the path relative to ``root``.
+    Image bytes sent over gRPC and the de-identified copies of DICOM files live there."""
+    name = name or hashlib.sha256(data).hexdigest()
+    relative = f"blobs/{name[:2]}/{name}"
+    path = Path(root) / relative
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    return relative
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -19,16 +18,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from xmodal.indexer.catalog import Catalog, next_seq, split_for, text_hash
+from xmodal.indexer.clinical import key_for, load_settings, read_clinical
 from xmodal.indexer.corpus import IMAGE, TEXT
 from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.errors import InvalidArgument, XmodalError
 from xmodal.indexer.feedback import FeedbackLog
-from xmodal.indexer.heads import fsync_dir
 from xmodal.indexer.images import decode_image
 from xmodal.indexer.snapshot import DataDir
-from xmodal.indexer.store import BaseStore
+from xmodal.indexer.store import BaseStore, write_blob
 
 from .limits import Limits
 from .live import LiveView
@@ -64,6 +64,8 @@ class NewItem:
     metadata: dict = field(default_factory=dict)
     pair_id: str = ""
     source: str = ""
+    picture: Image.Image | None = None  # a DICOM image, as read (windowed) for the encoder
+    stored: bytes | None = None  # what blobs/ keeps for GetItems, when not the bytes sent (a DICOM's copy)
 
     @property
     def modality(self) -> str:
@@ -72,6 +74,10 @@ class NewItem:
     @property
     def content_hash(self) -> str:
         return hashlib.sha256(self.image).hexdigest() if self.image is not None else text_hash(self.text or "")
+
+
+def _blob_name(item: NewItem) -> str:
+    return hashlib.sha256(item.stored).hexdigest() if item.stored is not None else item.content_hash
 
 
 def _changed(stored, item: NewItem) -> bool:
@@ -115,6 +121,7 @@ class CorpusWrites:
         # time, their fsyncs took longer than encoding the batch (bench/live.py)
         self._blob_writer = ThreadPoolExecutor(BLOB_WRITERS, thread_name_prefix="xmodal-blobs")
         self.compactor: Compactor | None = None  # set by the engine: purges and first snapshots
+        self._key: bytes | None = None  # the DICOM id key, read when a DICOM image first comes
         catalog.ensure_schema(TOMBSTONES)
         FeedbackLog(catalog)  # its table: deletes forget the events that used an item
 
@@ -126,6 +133,7 @@ class CorpusWrites:
             InvalidArgument, ResourceExhausted: naming the offending item; nothing applied.
             FailedPrecondition: no snapshot is loaded yet.
         """
+        self._read_dicom(items)
         self._check_batch(items)
         if self.view.peek() is None and self.compactor is not None:
             self.compactor.first_snapshot()  # an empty data directory: start with an identity head
@@ -138,6 +146,28 @@ class CorpusWrites:
             counts = self._apply(items, fresh, vectors, known, blobs)
         log.info("upserted %d item(s): %s", len(items), counts)
         return counts
+
+    def _read_dicom(self, items: list[NewItem]) -> None:
+        """DICOM images (the DICM preamble) are read here, before anything else: their pixels
+        for the encoder, their allowlisted attributes under the item's own metadata, a
+        de-identified copy for GetItems, and an id derived from the file when none was sent."""
+        settings = None
+        for n, item in enumerate(items):
+            if item.image is None or item.image[128:132] != b"DICM":
+                continue
+            settings = settings or load_settings(self.catalog)
+            try:
+                read = read_clinical(item.image, settings, self._dicom_key(), max_pixels=self.limits.max_pixels)
+            except XmodalError as exc:  # unreadable, no pixels, missing codec, burned in, too large
+                raise type(exc)(f"item {item.item_id or f'#{n + 1} of the batch'!r}: {exc}") from None
+            item.item_id = item.item_id or read.item_id
+            item.metadata = {**read.metadata, **item.metadata}
+            item.picture, item.stored = read.image, read.deidentified
+
+    def _dicom_key(self) -> bytes:
+        if self._key is None:
+            self._key = key_for(self.data.root)
+        return self._key
 
     def _check_batch(self, items: list[NewItem]) -> None:
         if not items:
@@ -196,32 +226,23 @@ class CorpusWrites:
         for item in items:
             if item.modality == IMAGE:
                 try:
-                    images.append(decode_image(item.image or b"", max_pixels=self.limits.max_pixels))
+                    images.append(item.picture or decode_image(item.image or b"", max_pixels=self.limits.max_pixels))
                 except XmodalError as exc:  # undecodable, or past the pixel limit
                     raise type(exc)(f"item {item.item_id!r}: {exc}") from None
-        unique = {i.content_hash: i.image for i in items if i.image is not None}  # one writer per file
+        # one writer per file: the bytes sent, content-addressed, or a DICOM's de-identified copy
+        names = {i.item_id: _blob_name(i) for i in items if i.image is not None}
+        unique = {names[i.item_id]: i.stored if i.stored is not None else i.image for i in items if i.image is not None}
         written = {h: self._blob_writer.submit(self._write_blob, data, h) for h, data in unique.items()}
         vectors = {
             TEXT: self.encoder.encode_texts(texts) if texts else np.zeros((0, self.encoder.dim), np.float32),
             IMAGE: self.encoder.encode_images(images),
         }
         paths = {h: future.result() for h, future in written.items()}
-        return vectors, {i.item_id: paths[i.content_hash] for i in items if i.image is not None}
+        return vectors, {item_id: paths[name] for item_id, name in names.items()}
 
     def _write_blob(self, data: bytes, content_hash: str) -> str:
         """Image bytes under blobs/, content-addressed; returns the path relative to the data directory."""
-        relative = f"blobs/{content_hash[:2]}/{content_hash}"
-        path = self.data.root / relative
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        return relative
+        return write_blob(self.data.root, data, content_hash)
 
     def _apply(
         self,

@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 
 from xmodal.indexer.catalog import Catalog
+from xmodal.indexer.clinical import load_settings
 from xmodal.indexer.corpus import IMAGE, MODALITIES, TEXT
 from xmodal.indexer.encoder import Encoder
 from xmodal.indexer.errors import DeadlineExceeded, InvalidArgument, NotFound
@@ -72,6 +73,12 @@ def _reconstruct(index: faiss.Index, rows: np.ndarray) -> np.ndarray:
     except RuntimeError:
         faiss.extract_index_ivf(index).make_direct_map()
         return index.reconstruct_batch(rows)
+
+
+def shown_source(source: str) -> str:
+    """An item's source as clients see it: relative to its corpus root. Catalogs written before
+    sources were relative hold absolute server paths: only the file name of those is shown."""
+    return Path(source).name if source.startswith("/") or (len(source) > 2 and source[1:3] in (":\\", ":/")) else source
 
 
 def _exact(
@@ -135,7 +142,9 @@ class QueryPath:
         if image is None:
             raise InvalidArgument("a query needs text, image or item_id")
         self.limits.at_most("max_image_bytes", len(image), "bytes", "send a smaller query image")
-        picture = decode_image(image, max_pixels=self.limits.max_pixels)
+        # a DICOM query is windowed as the corpus was (the catalog's DICOM settings)
+        window = load_settings(self.catalog).window if image[128:132] == b"DICM" else None
+        picture = decode_image(image, max_pixels=self.limits.max_pixels, window=window)
         return IMAGE, self.encoder.encode_images([picture])
 
     def check_deadline(self, deadline: float | None, stage: str) -> None:
@@ -258,7 +267,7 @@ class QueryPath:
                     modality=target,
                     rank=rank,
                     text=row["text"] if row else "",
-                    source=row["source"] if row else "",
+                    source=shown_source(row["source"]) if row else "",
                     metadata=json.loads(row["metadata"]) if row else {},
                 )
             )
@@ -284,13 +293,22 @@ class QueryPath:
         for item_id in item_ids:
             row = rows[item_id]
             record = ItemRecord(
-                item_id, row["modality"], row["text"], row["source"], json.loads(row["metadata"]), row["content_hash"]
+                item_id,
+                row["modality"],
+                row["text"],
+                shown_source(row["source"]),
+                json.loads(row["metadata"]),
+                row["content_hash"],
             )
             if row["modality"] == IMAGE and not metadata_only:
-                path = self.view.data.root / row["blob"] if row["blob"] else Path(row["source"])
+                # a blob: upserted bytes or a DICOM's de-identified copy; else the indexed file itself
+                path = self.view.data.root / row["blob"] if row["blob"] else Path(row["path"] or row["source"])
                 try:
                     record.image = path.read_bytes()
                 except OSError:
-                    raise NotFound(f"the image file of item {item_id!r} is no longer at {row['source']}") from None
+                    raise NotFound(
+                        f"the image file of item {item_id!r} ({shown_source(row['source'])} under the corpus) is "
+                        "no longer readable on the server: re-index it, or delete the item"
+                    ) from None
             out.append(record)
         return out

@@ -88,9 +88,10 @@ def conditions_from_proto(message) -> list[Condition]:
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
-    def __init__(self, engine: SearchEngine, refitter: Refitter | None = None):
+    def __init__(self, engine: SearchEngine, refitter: Refitter | None = None, keys: KeyRing | None = None):
         self.engine = engine
         self.refitter = refitter
+        self.keys = keys
 
     @rpc
     def Search(self, request, context):
@@ -154,7 +155,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             version=status["version"],
             uptime_s=status["uptime_s"],
             max_k=status["max_k"],
-            data_dir=status["data_dir"],
+            data_dir=status["data_dir"] if self._is_admin(context) else "",
             counts=[
                 pb.ModalityCount(modality=_TO_PROTO[m], catalog_items=c["catalog_items"], indexed=c["indexed"])
                 for m, c in status["counts"].items()
@@ -164,6 +165,16 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 pb.FilterField(name=f.name, kind=f.kind, declared=f.declared) for f in status["filter_fields"]
             ],
         )
+
+    def _is_admin(self, context) -> bool:
+        """Whether the caller presented an admin key. The data directory's path is the server's
+        own (such paths often name people): only admins see it, and nobody on a server without keys."""
+        if not self.keys:
+            return False
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        entry = self.keys.role_of(key.strip()) if scheme.lower() == "bearer" else None
+        return entry is not None and entry.role == "admin"
 
     def _feedback_counts(self) -> pb.FeedbackCounts:
         last = self.refitter.runs.last_started() if self.refitter else None
@@ -217,7 +228,7 @@ class IndexServicer(pb_grpc.IndexServiceServicer):
     def UpsertItems(self, request, context):
         items = [_new_item(item) for item in request.items]
         counts = self.engine.corpus.upsert(items)
-        return pb.UpsertItemsResponse(**counts)
+        return pb.UpsertItemsResponse(**counts, item_ids=[item.item_id for item in items])
 
     @rpc
     def DeleteItems(self, request, context):
@@ -374,14 +385,14 @@ class Server:
             ],
         )
         self.health = health.HealthServicer()
-        self._add_services()
+        self._add_services(keys)
         self.host = host
         self.port = self._bind(host, port, tls)
         engine.on_swap(self._set_health)
 
-    def _add_services(self) -> None:
+    def _add_services(self, keys: KeyRing | None) -> None:
         """Our servicers, the standard health service, and reflection over all of them."""
-        pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(self.engine, self.refitter), self.grpc_server)
+        pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(self.engine, self.refitter, keys), self.grpc_server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.engine, self.refitter), self.grpc_server)
         pb_grpc.add_IndexServiceServicer_to_server(IndexServicer(self.engine), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

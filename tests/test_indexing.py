@@ -41,7 +41,7 @@ def test_base_vectors_are_the_encoder_output(world_corpus, encoder, indexed):
     loaded = BaseStore(indexed / "base", catalog).load(IMAGE)
     ids, vectors = loaded.ids, loaded.array
     row = catalog.get_items([ids[7]])[ids[7]]
-    expected = encoder.encode_images([Image.open(row["source"]).convert("RGB")])[0]
+    expected = encoder.encode_images([Image.open(row["path"]).convert("RGB")])[0]
     np.testing.assert_allclose(vectors[7], expected, atol=2e-3)  # fp16 storage
     assert abs(np.linalg.norm(vectors[7]) - 1) < 1e-2
 

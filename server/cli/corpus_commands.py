@@ -55,7 +55,7 @@ class UpsertCommand(ClientCommand):
             tqdm(total=len(corpus.items), unit="item", disable=args.no_progress, file=sys.stderr) as bar,
         ):
             for n, batch in enumerate(batches):
-                result = _send(client, batch, corpus.root, n, len(batches), sent=bar.n)
+                result = _send(client, batch, n, len(batches), sent=bar.n)
                 for name in totals:
                     totals[name] += getattr(result, name)
                 bar.update(len(batch))
@@ -66,12 +66,12 @@ class UpsertCommand(ClientCommand):
         return 0
 
 
-def _send(client, batch: list[tuple], root: Path, n: int, batches: int, sent: int):
+def _send(client, batch: list[tuple], n: int, batches: int, sent: int):
     """One UpsertItems call; its error says which batch failed and what was applied before it."""
     from xmodal.client import XmodalError
 
     try:
-        return client.upsert_items([_new_item(item, pair_id, root) for item, pair_id in batch])
+        return client.upsert_items([_new_item(item, pair_id) for item, pair_id in batch])
     except XmodalError as exc:
         applied = f"the {sent} items before it were applied" if sent else "nothing was applied"
         raise type(exc)(
@@ -101,7 +101,7 @@ def _batches(corpus, batch_size: int, max_bytes: int) -> Iterator[list[tuple]]:
     batch: list[tuple] = []
     size = 0
     for item in images + [item for item in corpus.items if item.modality == TEXT]:
-        weight = os.path.getsize(item.source) if item.modality == IMAGE else len(item.text.encode())
+        weight = os.path.getsize(item.path) if item.modality == IMAGE else len(item.text.encode())
         if batch and (len(batch) == batch_size or size + weight > max_bytes):
             yield batch
             batch, size = [], 0
@@ -126,30 +126,21 @@ def _text_pairs(corpus) -> dict[str, str]:
 
 
 def _check_image_files(images: Sequence) -> None:
-    missing = [item for item in images if not os.path.isfile(item.source) or not os.access(item.source, os.R_OK)]
+    missing = [item for item in images if not os.path.isfile(item.path) or not os.access(item.path, os.R_OK)]
     if missing:
         shown = ", ".join(f"{item.id} ({item.source})" for item in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise InvalidArgument(f"{len(missing)} image file(s) missing or unreadable: {shown}{more}; nothing was sent")
 
 
-def _new_item(item, pair_id: str, root: Path):
+def _new_item(item, pair_id: str):
     """The client's NewItem for one corpus item; an image's bytes are read here."""
     from xmodal.client import NewItem
     from xmodal.indexer.corpus import TEXT
 
-    content = {"text": item.text} if item.modality == TEXT else {"image": Path(item.source).read_bytes()}
-    return NewItem(
-        item.id, **content, metadata=item.metadata or None, pair_id=pair_id, source=_source(item.source, root)
-    )
-
-
-def _source(path: str, root: Path) -> str:
-    """``path`` relative to the corpus root (with / separators), never an absolute path: the
-    server shows it in hits, and where the corpus lies on this machine is not its business."""
-    if not path or not os.path.isabs(path):
-        return path
-    return Path(os.path.relpath(path, Path(root).resolve())).as_posix()
+    content = {"text": item.text} if item.modality == TEXT else {"image": Path(item.path).read_bytes()}
+    # item.source is relative to the corpus root: where the corpus lies here is not the server's business
+    return NewItem(item.id, **content, metadata=item.metadata or None, pair_id=pair_id, source=item.source)
 
 
 class DeleteCommand(ClientCommand):

@@ -40,9 +40,36 @@ class IndexCommand(Command):
             help="metadata fields searches may filter on (kept in the catalog; default: every field holding "
             "text or numbers)",
         )
+        clinical = parser.add_argument_group(
+            "DICOM files", "kept in the catalog: later runs, upserts and image queries read DICOM the same way"
+        )
+        clinical.add_argument(
+            "--dicom-window",
+            default=None,
+            metavar="NAME|C,W",
+            help="window replacing each file's own VOI: lung, mediastinum, bone, brain, soft-tissue, liver, "
+            "or centre,width such as -600,1500 (default: the file's VOI LUT or window, else its min..max)",
+        )
+        clinical.add_argument(
+            "--dicom-fields",
+            default=None,
+            metavar="A,B",
+            help="DICOM attributes (keywords) kept as item metadata, replacing the default allowlist; "
+            "identifying attributes and UIDs are refused (default: see README, Clinical images)",
+        )
+        clinical.add_argument(
+            "--allow-burned-in",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="index images flagged BurnedInAnnotation = YES (skipped by default: names may be in the pixels)",
+        )
         add_progress_arg(parser)
 
     def validate(self, args: argparse.Namespace) -> None:
+        from xmodal.indexer import dicom
+
+        args.dicom_window = dicom.parse_window(args.dicom_window) if args.dicom_window is not None else None
+        args.dicom_fields = dicom.parse_fields(args.dicom_fields) if args.dicom_fields is not None else None
         if args.filter_fields is not None and not [f for f in args.filter_fields.split(",") if f.strip()]:
             raise usage_error(args, "--filter-fields is empty: name at least one metadata field, e.g. modality,year")
 
@@ -71,6 +98,9 @@ class IndexCommand(Command):
             factory=args.factory,
             memory_budget=args.memory_budget,
             progress=not args.no_progress,
+            dicom_window=args.dicom_window,
+            dicom_fields=args.dicom_fields,
+            allow_burned_in=args.allow_burned_in,
         )
         print(report.summary())
         return 0

@@ -349,16 +349,18 @@ class UpsertItemsRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[NewItem, _Mapping]]] = ...) -> None: ...
 
 class UpsertItemsResponse(_message.Message):
-    __slots__ = ("added", "changed", "unchanged", "pairs_added")
+    __slots__ = ("added", "changed", "unchanged", "pairs_added", "item_ids")
     ADDED_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     PAIRS_ADDED_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     added: int
     changed: int
     unchanged: int
     pairs_added: int
-    def __init__(self, added: _Optional[int] = ..., changed: _Optional[int] = ..., unchanged: _Optional[int] = ..., pairs_added: _Optional[int] = ...) -> None: ...
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, added: _Optional[int] = ..., changed: _Optional[int] = ..., unchanged: _Optional[int] = ..., pairs_added: _Optional[int] = ..., item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteItemsRequest(_message.Message):
     __slots__ = ("item_ids", "purge")
