@@ -96,7 +96,7 @@ def test_serve_limits_are_configurable(indexed, tmp_path):
 
 
 COMMAND_NAMES = (
-    "demo index fit eval serve backup keys feedback refit snapshots search status upsert delete compact".split()
+    "demo index fit eval serve backup keys feedback refit snapshots search status upsert delete compact web".split()
 )
 
 

@@ -14,14 +14,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import admin, client_commands, corpus_commands, demo, indexing, serving, snapshot_commands
+from . import admin, client_commands, corpus_commands, demo, indexing, serving, snapshot_commands, web
 from ._common import Command
 from .serving import build_engine
 
 __all__ = ["main", "make_parser", "build_engine", "COMMANDS"]
 
 # in the order `xmodal --help` lists their commands
-MODULES = (demo, indexing, serving, admin, client_commands, corpus_commands, snapshot_commands)
+MODULES = (demo, indexing, serving, admin, client_commands, corpus_commands, snapshot_commands, web)
 COMMANDS: tuple[Command, ...] = tuple(command for module in MODULES for command in module.COMMANDS)
 DESCRIPTION = (
     "Cross-modal image/text search on frozen open_clip embeddings, with small CPU-trained heads, FAISS and gRPC."
