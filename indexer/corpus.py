@@ -148,7 +148,7 @@ def _with_dicom(corpus: Corpus, reading: DicomReading | None) -> Corpus:
             continue
         if item.modality == TEXT and _owner(item.id) in renamed:
             item.id = f"{renamed[_owner(item.id)]}#caption"
-        if item.id in seen:
+        if item.id and item.id in seen:  # "": named by the server on upsert
             raise CorpusError(f"{corpus.root}: two items have the id {item.id!r} (the same DICOM instance twice?)")
         seen.add(item.id)
         items.append(item)

@@ -258,3 +258,57 @@ def test_the_page_shows_no_identifiers(clinical, served):
     bodies.append(bad)
     for response in bodies:
         assert leaks(response.content) == [], response.request.url
+
+
+def test_manifests_and_bare_dicom_folders_get_ids_from_the_files(tmp_path):
+    from xmodal.indexer.clinical import DicomSettings, HeaderReader
+    from xmodal.indexer.corpus import read_corpus
+
+    grey = (np.arange(48 * 48).reshape(48, 48) % 200).astype(np.uint8)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.dcm").write_bytes(make_dicom(grey, bits_stored=8, uid_suffix=41))
+    (tmp_path / "a" / "two").write_bytes(make_dicom(grey, bits_stored=8, uid_suffix=42, modality="MR"))  # no suffix
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    reader = HeaderReader(DicomSettings(), lambda: b"k" * 32)
+    bare = read_corpus(tmp_path / "a", dicom=reader)
+    assert sorted(i.source for i in bare.items) == ["one.dcm", "two"] and not bare.pairs
+    assert all(i.id.startswith("dcm-") and i.metadata["StudyDate"] == 2021 for i in bare.items)
+    assert {i.metadata["Modality"] for i in bare.items} == {"CT", "MR"}
+    again = read_corpus(tmp_path / "a", dicom=HeaderReader(DicomSettings(), lambda: b"k" * 32))
+    assert [i.id for i in again.items] == [i.id for i in bare.items]  # the same key, the same ids
+    other_key = read_corpus(tmp_path / "a", dicom=HeaderReader(DicomSettings(), lambda: b"j" * 32))
+    assert not {i.id for i in other_key.items} & {i.id for i in bare.items}
+    manifest = tmp_path / "m.jsonl"
+    lines = [
+        {"type": "image", "path": "a/one.dcm", "metadata": {"Modality": "override"}},
+        {"type": "image", "id": "named", "path": "a/two"},
+        {"type": "text", "id": "t", "text": "a report"},
+        {"type": "pair", "image": "named", "text": "t"},
+    ]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    corpus = read_corpus(manifest, dicom=reader)
+    by_source = {i.source: i for i in corpus.items}
+    assert by_source["a/one.dcm"].id == bare.items[0].id
+    assert by_source["a/one.dcm"].metadata["Modality"] == "override"  # the record's own metadata wins
+    assert by_source["a/two"].id == "named" and by_source["a/two"].metadata["Modality"] == "MR"
+    assert [(p.image_id, p.text_id) for p in corpus.pairs] == [("named", "t")]
+
+
+def test_xmodal_upsert_sends_a_dicom_folder_and_the_server_names_the_items(served, tmp_path):
+    server, _ = served
+    grey = (np.arange(64 * 64).reshape(64, 64) % 180).astype(np.uint8)
+    (tmp_path / "export").mkdir()
+    for n in range(2):
+        (tmp_path / "export" / f"im{n}.dcm").write_bytes(make_dicom(grey + n, bits_stored=8, uid_suffix=800 + n))
+    done = subprocess.run(
+        xmodal_cmd("upsert", "--server", server.server.address, str(tmp_path / "export"), "--no-progress"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=OFFLINE,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 added" in done.stdout
+    found = {h.source: h for h in server.client.search(text="chest film", k=100) if h.source.startswith("im")}
+    assert set(found) == {"im0.dcm", "im1.dcm"} and all(h.item_id.startswith("dcm-") for h in found.values())
+    assert leaks((done.stdout + done.stderr).encode()) == []
