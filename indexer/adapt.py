@@ -8,8 +8,11 @@ the benchmarks. The steps:
    training pairs and held-out queries (:func:`load_training_data`);
 2. gate: a :class:`~.gate.Gate` over the held-out data, guarding the live head for refits;
 3. train: a new head (optionally warm-started), or a query adapter on the live head,
-   early-stopped on the gate's score;
-4. decide: the gate says whether the result may go live;
+   early-stopped on the gate's score; a new head with fewer validation pairs than
+   ``cv_below`` is cross-validated instead (xmodal.indexer.fewshot);
+4. decide: the gate's paired test says whether the result beats the live head (zero-shot
+   for a new head) beyond noise, and at which blend; a new head that does not is written at
+   blend 0 (exactly zero-shot; an identity head for kinds that do not blend);
 5. write: :func:`write_fitted` writes the snapshot (refits write with index reuse).
 """
 
@@ -21,12 +24,15 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from .catalog import Catalog
 from .corpus import IMAGE, TEXT
 from .errors import FailedPrecondition
 from .evaluate import pair_metrics
 from .feedback import HeldOutQuery, feedback_pairs, held_out_queries, split_events
-from .gate import Decision, Gate
+from .fewshot import cross_validated_fit
+from .gate import Decision, Gate, Verdict
 from .heads import TRAINABLE_KINDS, Head
 from .manifest import Manifest
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot, write_snapshot
@@ -92,6 +98,7 @@ class FitResult:
     before: dict | None  # the gate's figures of the guarded (live) head
     after: dict | None  # the fitted head's (computed when guarding)
     decision: Decision
+    verdict: Verdict | None = None  # the paired test (None when not gated)
 
 
 def fit_pipeline(
@@ -109,6 +116,9 @@ def fit_pipeline(
     vectors: Vectors | None = None,
     progress: bool = False,
     on_step: Callable[[str], None] | None = None,
+    gated: bool = True,
+    replay: dict[str, np.ndarray] | None = None,
+    significance: bool = True,
 ) -> FitResult:
     """Load, gate, train and decide (steps 1-4); the caller writes (step 5).
 
@@ -119,6 +129,13 @@ def fit_pipeline(
         warm_start: a head of ``config``'s kind and sizes to start from.
         feedback: train on the feedback events too (only for trainable kinds).
         on_step: told the name of each step as it starts (a refit's progress).
+        gated: judge a new head against zero-shot (off: the head as trained, at blend 1,
+            for comparisons of head kinds).
+        replay: base vectors of old-style items by modality, kept where the live head (or
+            zero-shot) puts them while training (see :func:`~.train.fit_head`).
+        significance: a refit must also beat ``guard`` beyond noise (the gate's paired test
+            at ``config.confidence``); off: not worse beyond ``tolerance`` is enough. New
+            heads are always judged against zero-shot (unless not ``gated``).
 
     Raises:
         FailedPrecondition: nothing embedded yet. InvalidArgument: too few pairs for the
@@ -137,10 +154,50 @@ def fit_pipeline(
         feedback_weight=feedback_weight,
         feedback=feedback and (config.kind in TRAINABLE_KINDS or query_adapter),
     )
-    gate = Gate(data.corpus_val, data.val_queries, vectors)
+    return fit_training_data(
+        data,
+        config,
+        guard=guard,
+        tolerance=tolerance,
+        query_adapter=query_adapter,
+        warm_start=warm_start,
+        progress=progress,
+        on_step=step,
+        gated=gated,
+        replay=replay,
+        significance=significance,
+    )
+
+
+def fit_training_data(
+    data: TrainingData,
+    config: FitConfig,
+    *,
+    guard: Head | None = None,
+    tolerance: float = 0.0,
+    query_adapter: bool = False,
+    warm_start: Head | None = None,
+    progress: bool = False,
+    on_step: Callable[[str], None] | None = None,
+    gated: bool = True,
+    replay: dict[str, np.ndarray] | None = None,
+    significance: bool = True,
+) -> FitResult:
+    """Steps 2-4 of :func:`fit_pipeline` on training data already loaded (the benchmarks
+    build it from pair sets)."""
+    step = on_step or (lambda _: None)
+    vectors = data.vectors
+    confidence = config.confidence if (guard is None or significance) else None
+    gate = Gate(data.corpus_val, data.val_queries, vectors, confidence=confidence)
+    reference = guard if guard is not None else Head("identity", int(data.corpus_train.image.shape[1]))
     if guard is not None:
         step("validating the live head")
         gate = gate.protecting(guard, tolerance)
+    elif gated and _cross_validates(config, data):
+        step(f"cross-validating ({config.cv_folds} folds of {len(data.corpus_train) + len(data.corpus_val)} pairs)")
+        pooled = PairSet.concat([data.corpus_train, data.corpus_val])
+        head, report, verdict, _ = cross_validated_fit(pooled, config, progress=progress)
+        return _settle_new(head, report, data, verdict, cross_validated=True)
     step(
         f"training ({'query' if query_adapter else 'full'} mode, {len(data.train)} pairs of which "
         f"{data.feedback_pairs} feedback)"
@@ -152,13 +209,60 @@ def fit_pipeline(
             guard, data.query_modality or TEXT, data.train, None, config, progress=progress, score=gate.score
         )
     else:
-        head, report = fit_head(data.train, None, config, warm_start=warm_start, progress=progress, score=gate.score)
-    if guard is None:
+        teacher = guard.without_query_adapters() if guard is not None else None
+        head, report = fit_head(
+            data.train,
+            None,
+            config,
+            warm_start=warm_start,
+            progress=progress,
+            score=gate.score,
+            replay=replay,
+            teacher=teacher,
+        )
+    if head.kind == "identity" or (guard is None and not gated):
         return FitResult(head, report, data, None, None, Decision(True))
     step("validating")
+    # a query refit keeps the live projections (its indexes are reused): no blend to choose
+    blends = config.blends if head.blendable and not query_adapter else None
+    verdict = gate.judge(head, reference, blends)
+    if guard is None:
+        return _settle_new(head, report, data, verdict)
+    if verdict.blend is not None:
+        head.set_blend(verdict.blend)
     after = gate.figures(head)
-    decision = gate.decide(after, report, must_improve=query_adapter or warm_start is not None)
-    return FitResult(head, report, data, gate.reference, after, decision)
+    decision = gate.decide(after, report, must_improve=query_adapter or warm_start is not None, verdict=verdict)
+    return FitResult(head, report, data, gate.reference, after, decision, verdict)
+
+
+def _cross_validates(config: FitConfig, data: TrainingData) -> bool:
+    """A new residual head, corpus pairs only, too few validation pairs to trust."""
+    return (
+        config.kind in TRAINABLE_KINDS
+        and len(data.corpus_val) < config.cv_below
+        and data.feedback_train is None
+        and not data.val_queries
+    )
+
+
+def _settle_new(
+    head: Head, report: FitReport, data: TrainingData, verdict: Verdict, *, cross_validated: bool = False
+) -> FitResult:
+    """What a new head's verdict puts live: the head at its chosen blend, or zero-shot (the
+    head at blend 0, or an identity head for kinds that do not blend)."""
+    how = f"{len(verdict.candidates)} candidate(s), cross-validated" if cross_validated else "validation"
+    if verdict.significant:
+        if verdict.blend is not None:
+            head.set_blend(verdict.blend)
+        report.gate = f"goes live: {verdict.summary()}"
+    else:
+        if head.blendable:
+            head.set_blend(0.0)
+        else:
+            head = Head("identity", head.dim_in).eval()
+        report.gate = f"zero-shot stays live ({how}): {verdict.summary()}"
+    log.info("gate: %s", report.gate)
+    return FitResult(head, report, data, None, None, Decision(True, report.gate), verdict)
 
 
 def held_out_metrics(catalog: Catalog, vectors: Vectors, head: Head, split: str = "test") -> dict:
@@ -189,6 +293,7 @@ def fit_from_catalog(
     progress: bool = False,
     vectors: Vectors | None = None,
     feedback: bool = True,
+    gated: bool = True,
 ) -> tuple[Head, FitReport, dict]:
     """An offline fit of a new head (no live head to guard), with its held-out report.
 
@@ -212,6 +317,7 @@ def fit_from_catalog(
         feedback=feedback,
         vectors=vectors,
         progress=progress,
+        gated=gated,
     )
     head = result.head
     metrics = {
@@ -219,6 +325,8 @@ def fit_from_catalog(
         "fit": result.report.to_dict(),
         "feedback_pairs": result.data.feedback_pairs,
     }
+    if result.verdict is not None:
+        metrics["gate"] = result.verdict.to_dict()
     if head.kind != "identity":
         metrics["adapted"] = held_out_metrics(catalog, vectors, head)
     return head, result.report, metrics
@@ -342,7 +450,14 @@ def compare_heads(
     for kind in kinds:
         config = replace(base, kind=kind)
         head, report, _ = fit_from_catalog(
-            catalog, store, config, label_field=label_field, progress=progress, vectors=vectors, feedback=False
+            catalog,
+            store,
+            config,
+            label_field=label_field,
+            progress=progress,
+            vectors=vectors,
+            feedback=False,
+            gated=False,
         )
         results[kind] = {
             **held_out_metrics(catalog, vectors, head, split),

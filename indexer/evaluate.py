@@ -9,6 +9,24 @@ from .errors import InvalidArgument
 DEFAULT_KS = (1, 5, 10)
 
 
+def first_ranks(queries: np.ndarray, gallery: np.ndarray, relevant: list[set[int]], chunk: int = 1024) -> np.ndarray:
+    """Per query, the rank (1 = top) of its best-placed relevant gallery item: one plus the
+    number of gallery items scoring strictly higher. The per-query figures that recall@k
+    (rank <= k) and MRR (mean of 1/rank) average, and that a paired test compares."""
+    if len(queries) != len(relevant):
+        raise InvalidArgument(
+            f"{len(queries)} queries but {len(relevant)} relevance sets: pass one set of "
+            "relevant gallery rows per query"
+        )
+    ranks = np.empty(len(queries), np.int64)
+    for start in range(0, len(queries), chunk):
+        scores = queries[start : start + chunk] @ gallery.T
+        for i, row in enumerate(scores):
+            best = row[list(relevant[start + i])].max()
+            ranks[start + i] = int((row > best).sum()) + 1
+    return ranks
+
+
 def retrieval_metrics(
     queries: np.ndarray, gallery: np.ndarray, relevant: list[set[int]], ks=DEFAULT_KS, chunk: int = 1024
 ) -> dict[str, float]:
@@ -29,14 +47,7 @@ def retrieval_metrics(
         )
     if len(queries) == 0 or len(gallery) == 0:
         return {**{f"recall@{k}": 0.0 for k in ks}, "mrr": 0.0, "queries": 0}
-    first_rank = np.empty(len(queries), np.int64)
-    for start in range(0, len(queries), chunk):
-        scores = queries[start : start + chunk] @ gallery.T
-        for i, row in enumerate(scores):
-            rel = list(relevant[start + i])
-            best = row[rel].max()
-            # rank = number of gallery items scoring strictly higher than the best relevant one
-            first_rank[start + i] = int((row > best).sum()) + 1
+    first_rank = first_ranks(queries, gallery, relevant, chunk)
     out = {f"recall@{k}": float((first_rank <= k).mean()) for k in ks}
     out["mrr"] = float((1.0 / first_rank).mean())
     out["queries"] = int(len(queries))

@@ -10,6 +10,15 @@ Learning", Margaritis et al. 2025):
 - ``mlp`` (the default): per modality, residual ``x + fc2(relu(fc1(x)))`` with ``fc2``
   zero-initialised, so an untrained head is exactly zero-shot.
 - ``shared``: one such mlp applied to both modalities (the paper's single projection).
+- ``paper``: what the paper's code (margaeor/emb-adapt-cl) trains, as a baseline: per
+  modality a plain ``Linear -> ReLU -> Linear`` projector (hidden min(dim/2, 16)) to 128
+  dimensions, not residual, trained with its pairwise label loss (needs labels).
+
+**Blending with zero-shot.** A residual head of the encoder's size serves
+``normalize(x + a * g(x))`` with ``a`` (``blend``, in [0, 1]) chosen on validation by the
+gate (xmodal.indexer.gate); ``a = 0`` is exactly zero-shot, ``a = 1`` the head as trained.
+``a`` is a head option (head.json), so a head saved before blending existed loads as
+``a = 1``, unchanged, and serving costs the same.
 
 Every output is L2-normalised. When ``dim_out`` differs from the input size, the skip
 path is a linear map initialised from the PCA of the training embeddings (then an
@@ -19,6 +28,7 @@ no pickle) plus ``head.json`` (kind, dims, options) and carry a sha256 over both
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -31,10 +41,12 @@ from safetensors.torch import load_file, save_file
 from .corpus import MODALITIES
 from .errors import InvalidArgument
 
-HEAD_KINDS = ("identity", "pca", "linear", "mlp", "shared")
-TRAINABLE_KINDS = ("linear", "mlp", "shared")
+HEAD_KINDS = ("identity", "pca", "linear", "mlp", "shared", "paper")
+TRAINABLE_KINDS = ("linear", "mlp", "shared")  # the residual kinds (refits, feedback, blending)
 DEFAULT_HEAD = "mlp"
 DEFAULT_HIDDEN = 512
+PAPER_DIM = 128  # the paper's projector: output size, and hidden min(dim // 2, 16)
+PAPER_MAX_HIDDEN = 16
 
 
 class PCAProjection(torch.nn.Module):
@@ -65,10 +77,13 @@ class PCAProjection(torch.nn.Module):
 
 
 class Residual(torch.nn.Module):
-    """skip(x) + f(x); f's last layer starts at zero, so the module starts as skip(x)."""
+    """skip(x) + blend * f(x); f's last layer starts at zero, so the module starts as skip(x).
+    ``blend`` is a plain attribute (a head option), not a tensor: the state dict is the same
+    whatever it is."""
 
-    def __init__(self, dim_in: int, dim_out: int, hidden: int | None):
+    def __init__(self, dim_in: int, dim_out: int, hidden: int | None, blend: float = 1.0):
         super().__init__()
+        self.blend = blend
         # Identity skip when the size is kept: an untrained head is exactly zero-shot.
         self.skip = torch.nn.Identity() if dim_in == dim_out else torch.nn.Linear(dim_in, dim_out, bias=False)
         self.fc1: torch.nn.Linear | None
@@ -81,9 +96,28 @@ class Residual(torch.nn.Module):
         torch.nn.init.zeros_(self.fc2.weight)
         torch.nn.init.zeros_(self.fc2.bias)
 
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x), the learned correction (before blending)."""
+        return self.fc2(torch.relu(self.fc1(x))) if self.fc1 is not None else self.fc2(x)
+
+    def forward(self, x: torch.Tensor, updates: list | None = None) -> torch.Tensor:
+        update = self.update(x)
+        if updates is not None:  # training: the norm penalty reads ||g(x)||^2
+            updates.append(update.pow(2).sum(-1).mean())
+        return self.skip(x) + (update if self.blend == 1.0 else self.blend * update)
+
+
+class PaperProjector(torch.nn.Module):
+    """The paper code's projection head: Linear -> ReLU -> Linear, not residual."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        hidden = max(1, min(dim_in // 2, PAPER_MAX_HIDDEN))
+        self.fc1 = torch.nn.Linear(dim_in, hidden)
+        self.fc2 = torch.nn.Linear(hidden, dim_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.fc2(torch.relu(self.fc1(x))) if self.fc1 is not None else self.fc2(x)
-        return self.skip(x) + update
+        return self.fc2(torch.relu(self.fc1(x)))
 
 
 class QueryAdapter(torch.nn.Module):
@@ -122,6 +156,8 @@ class Head(torch.nn.Module):
             raise InvalidArgument("an identity head cannot change the dimension")
         if kind == "pca" and dim_out is None:
             dim_out = max(1, min(128, dim_in // 2))
+        if kind == "paper" and dim_out is None:
+            dim_out = PAPER_DIM
         dim_out = dim_out or dim_in
         if dim_out <= 0:
             raise InvalidArgument(f"dim_out must be positive, got {dim_out}")
@@ -138,17 +174,54 @@ class Head(torch.nn.Module):
         self.query_adapters = torch.nn.ModuleDict()
         for modality in self.options.get("query_adapters", []):
             self.query_adapters[modality] = QueryAdapter(dim_in, dim_out, int(self.options["adapter_hidden"]))
+        blend = float(self.options.get("blend", 1.0))  # absent in heads saved before blending
+        if not 0.0 <= blend <= 1.0:
+            raise InvalidArgument(f"blend must be in [0, 1], got {blend}")
+        if "blend" in self.options and kind not in TRAINABLE_KINDS:
+            raise InvalidArgument(f"only residual heads ({', '.join(TRAINABLE_KINDS)}) blend with zero-shot")
         if kind == "pca":
             self.projections["shared"] = PCAProjection(dim_in, dim_out)
         elif kind == "shared":
-            self.projections["shared"] = Residual(dim_in, dim_out, hidden)
+            self.projections["shared"] = Residual(dim_in, dim_out, hidden, blend)
         elif kind in ("linear", "mlp"):
             for modality in MODALITIES:
-                self.projections[modality] = Residual(dim_in, dim_out, hidden)
+                self.projections[modality] = Residual(dim_in, dim_out, hidden, blend)
+        elif kind == "paper":
+            for modality in MODALITIES:
+                self.projections[modality] = PaperProjector(dim_in, dim_out)
 
     @property
     def config(self) -> dict:
         return {"kind": self.kind, "dim_in": self.dim_in, "dim_out": self.dim_out, "options": self.options}
+
+    @property
+    def blendable(self) -> bool:
+        """A residual head of the encoder's size: at blend 0 it is exactly zero-shot."""
+        return self.kind in TRAINABLE_KINDS and self.dim_out == self.dim_in
+
+    @property
+    def blend(self) -> float:
+        return float(self.options.get("blend", 1.0))
+
+    def set_blend(self, blend: float) -> None:
+        """Serve ``normalize(x + blend * g(x))`` from now on (a residual head only)."""
+        if self.kind not in TRAINABLE_KINDS:
+            raise InvalidArgument(f"only residual heads ({', '.join(TRAINABLE_KINDS)}) blend with zero-shot")
+        if not 0.0 <= blend <= 1.0:
+            raise InvalidArgument(f"blend must be in [0, 1], got {blend}")
+        if blend == 1.0:
+            self.options.pop("blend", None)  # a = 1 saves as a head did before blending
+        else:
+            self.options["blend"] = float(blend)
+        for module in self.projections.values():
+            if isinstance(module, Residual):
+                module.blend = float(blend)
+
+    def blended(self, blend: float) -> Head:
+        """A copy of this head serving at ``blend``."""
+        head = copy.deepcopy(self)
+        head.set_blend(blend)
+        return head.eval()
 
     def projection(self, modality: str) -> torch.nn.Module | None:
         if modality not in MODALITIES:
@@ -174,9 +247,17 @@ class Head(torch.nn.Module):
         head.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("query_adapters.")})
         return head.eval()
 
-    def forward(self, modality: str, x: torch.Tensor, query: bool = False) -> torch.Tensor:
+    def forward(self, modality: str, x: torch.Tensor, query: bool = False, updates: list | None = None) -> torch.Tensor:
+        """Project ``x``; with ``updates`` (training), append the mean ||g(x)||^2 of a
+        residual projection to it."""
         projection = self.projection(modality)
-        projected = torch.nn.functional.normalize(projection(x) if projection is not None else x, dim=-1)
+        if projection is None:
+            out = x
+        elif isinstance(projection, Residual):
+            out = projection(x, updates)
+        else:
+            out = projection(x)
+        projected = torch.nn.functional.normalize(out, dim=-1)
         if query and modality in self.query_adapters:
             projected = torch.nn.functional.normalize(self.query_adapters[modality](x, projected), dim=-1)
         return projected

@@ -8,6 +8,9 @@
 - :func:`pairwise_label_loss`: label-aware pairwise loss (as in Margaritis et al. 2025):
   same-label embeddings pulled together, different-label ones pushed below a margin.
 - :func:`supcon_loss`: supervised contrastive loss (Khosla et al. 2020) over labels.
+- :func:`paper_pairwise_loss`: the paper code's own loss (margaeor/emb-adapt-cl): binary
+  cross-entropy on every pair of a batch, logit = similarity / temperature (0.1), target 1
+  for the same label; the ``paper`` head's only loss.
 """
 
 from __future__ import annotations
@@ -127,3 +130,14 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
     log_prob = F.log_softmax(logits, 1).masked_fill(~valid, 0)
     mean_positive = (log_prob * same).sum(1)[anchors] / same.sum(1)[anchors]
     return -mean_positive.mean()
+
+
+def paper_pairwise_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """BCE with logits over all distinct pairs (i < j) of labelled embeddings: logit
+    ``<e_i, e_j> / temperature``, target ``label_i == label_j`` (as the paper's code)."""
+    same, valid = _label_mask(labels)
+    upper = torch.triu(valid, diagonal=1)
+    if not upper.any():
+        return embeddings.sum() * 0
+    logits = (embeddings @ embeddings.T / temperature)[upper]
+    return F.binary_cross_entropy_with_logits(logits, same[upper].float())

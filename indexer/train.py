@@ -4,6 +4,11 @@ Mini-batches of (image, text) base-vector pairs, AdamW with weight decay, symmet
 InfoNCE with a learnable temperature (plus optional label losses), early stopping on
 validation recall@10 checked each epoch (epoch 0 is the untrained or warm-start head,
 so a fit never returns a head that validates worse than where it started), fixed seeds.
+
+Two pulls toward zero-shot keep small corpora from overfitting: a penalty on the residual
+``||g(x)||^2`` weighted ``norm_penalty / N`` for N training pairs (it grows as pairs get
+few, as ProLIP's 1/N), and, when old-style items are given as ``replay``, a distillation
+term keeping their projections where the teacher (the live head, or zero-shot) put them.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .corpus import IMAGE, TEXT
 from .errors import InvalidArgument
 from .evaluate import retrieval_metrics
 from .heads import DEFAULT_HEAD, DEFAULT_HIDDEN, HEAD_KINDS, TRAINABLE_KINDS, Head, PCAProjection
-from .losses import InfoNCELoss, pairwise_label_loss, supcon_loss
+from .losses import InfoNCELoss, pairwise_label_loss, paper_pairwise_loss, supcon_loss
 from .store import BaseStore
 from .vectors import Vectors, base_dim, load_vectors
 
@@ -55,6 +60,16 @@ class FitConfig:
     min_pairs: int = MIN_PAIRS
     max_seconds: float | None = 900.0
     seed: int = 0
+    # The gate (xmodal.indexer.gate): a head goes live only when its validation gain over the
+    # live head is above the noise at this confidence (a paired test, Bonferroni-corrected
+    # over the blends tried); otherwise the live head (zero-shot at first) stays.
+    confidence: float = 0.95
+    blends: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # a in normalize(x + a g(x)), chosen on validation
+    norm_penalty: float = 10.0  # weight of ||g(x)||^2 is norm_penalty / (training pairs)
+    cv_below: int = 200  # fewer validation pairs than this: cross-validate a new head instead
+    cv_folds: int = 5
+    replay_weight: float = 1.0  # distillation on replayed old-style embeddings (when given)
+    paper_temperature: float = 0.1  # the paper head's pairwise label loss
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -67,9 +82,26 @@ class FitConfig:
         for name in ("lr", "temperature", "supcon_temperature", "hard_negative_weight"):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "pairwise_weight", "supcon_weight", "patience"):
+        for name in (
+            "weight_decay",
+            "pairwise_weight",
+            "supcon_weight",
+            "patience",
+            "norm_penalty",
+            "cv_below",
+            "replay_weight",
+        ):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.confidence < 1:
+            raise InvalidArgument(f"confidence must be in (0, 1), e.g. 0.95; got {self.confidence}")
+        self.blends = tuple(float(b) for b in self.blends)
+        if not self.blends or not all(0 < b <= 1 for b in self.blends):
+            raise InvalidArgument(f"blends must be values in (0, 1], got {self.blends}")
+        if self.cv_folds < 2:
+            raise InvalidArgument(f"cv_folds must be at least 2, got {self.cv_folds}")
+        if not self.paper_temperature > 0:
+            raise InvalidArgument(f"paper_temperature must be positive, got {self.paper_temperature}")
 
 
 @dataclass
@@ -198,17 +230,19 @@ class FitReport:
     val_best: float | None = None
     temperature: float | None = None
     curve: list = field(default_factory=list)  # [{"epoch", "loss", "val_recall@10"}]
+    gate: str = ""  # what the gate decided, and why (new heads)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
+        gate = f"; {self.gate}" if self.gate else ""
         if self.val_before is None:
-            return f"{self.kind} head fitted on {self.pairs} pairs in {self.seconds:.1f} s"
+            return f"{self.kind} head fitted on {self.pairs} pairs in {self.seconds:.1f} s{gate}"
         return (
             f"{self.kind} head: {self.pairs} pairs, {self.epochs} epochs ({self.stopped}), best epoch "
             f"{self.best_epoch}, {self.seconds:.1f} s; validation recall@10 {self.val_before:.3f} -> "
-            f"{self.val_best:.3f}"
+            f"{self.val_best:.3f}{gate}"
         )
 
 
@@ -249,6 +283,8 @@ def fit_head(
     warm_start: Head | None = None,
     progress: bool = False,
     score: Callable[[Head], float | None] | None = None,
+    replay: dict[str, np.ndarray] | None = None,
+    teacher: Head | None = None,
 ) -> tuple[Head, FitReport]:
     """Fit a head of ``config.kind`` on ``train``; early-stop on ``val``.
 
@@ -260,9 +296,13 @@ def fit_head(
         progress: show a progress bar over epochs.
         score: optional ``score(head) -> float`` to early-stop on instead of ``val``'s
             recall@10 (refits use their gate's own figure).
+        replay: base vectors of old-style items by modality (a mixed archive): their
+            projections are distilled toward ``teacher``'s (``config.replay_weight``).
+        teacher: the head whose projections of ``replay`` to keep (default zero-shot).
 
     Returns:
-        (head, report). The head is in eval mode.
+        (head, report). The head is in eval mode; a residual head trains and returns at
+        blend 1 (the gate chooses the blend).
 
     Raises:
         InvalidArgument: fewer than ``config.min_pairs`` training pairs, a warm start of
@@ -272,7 +312,7 @@ def fit_head(
     seed_everything(config.seed)
     dim_in = int(train.image.shape[1])  # an empty pair set still has the base dimension
     report = FitReport(kind=config.kind, pairs=len(train))
-    options = {"hidden": config.hidden} if config.kind in ("mlp", "shared") else {}
+    options: dict = {"hidden": config.hidden} if config.kind in ("mlp", "shared") else {}
     if config.kind == "identity":
         head = Head("identity", dim_in or (warm_start.dim_in if warm_start else 1))
         report.stopped = "no training"
@@ -293,15 +333,26 @@ def fit_head(
         report.seconds = time.perf_counter() - started
         return head.eval(), report
     if warm_start is not None:
-        if warm_start.config != head.config:
+        if _unblended(warm_start.config) != head.config:
             raise InvalidArgument(f"cannot warm-start a {head.config} head from a {warm_start.config} head")
-        head.load_state_dict(warm_start.state_dict())
-    elif head.dim_out != dim_in:
+        head.load_state_dict(warm_start.state_dict())  # trained at blend 1, whatever the live blend
+    elif head.dim_out != dim_in and config.kind != "paper":
         head.init_skip_from_pca(np.concatenate([train.image, train.text]))
-    if (config.pairwise_weight or config.supcon_weight) and (train.labels is None or (train.labels < 0).all()):
-        raise InvalidArgument("label losses need labels: give items a label in their metadata (--label-field)")
-    _train(head, list(head.parameters()), train, val, config, report, started, progress=progress, score=score)
+    needs_labels = config.pairwise_weight or config.supcon_weight or config.kind == "paper"
+    if needs_labels and (train.labels is None or (train.labels < 0).all()):
+        raise InvalidArgument(
+            "label losses need labels (so does the paper head): give items a label in their metadata (--label-field)"
+        )
+    loop = _TrainingLoop(head, list(head.parameters()), train, val, config, None, score)
+    if replay:
+        loop.distil(replay, teacher or Head("identity", dim_in))
+    loop.run(report, started, progress)
     return head.eval(), report
+
+
+def _unblended(config: dict) -> dict:
+    options = {k: v for k, v in config["options"].items() if k != "blend"}
+    return {**config, "options": options}
 
 
 def fit_query_adapter(
@@ -415,6 +466,19 @@ class _TrainingLoop:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.val, self.score = val, score
         self.val_relevant = relevance(val) if val is not None and len(val) and score is None else None
+        # ||g(x)||^2 weighted norm_penalty / N: strong for a few pairs, negligible for thousands
+        self.penalty = (
+            config.norm_penalty / max(len(train), 1) if head.kind in TRAINABLE_KINDS and query_modality is None else 0.0
+        )
+        self.replay: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def distil(self, replay: dict[str, np.ndarray], teacher: Head) -> None:
+        """Keep old-style items where ``teacher`` projects them: each step adds
+        ``replay_weight`` x mean (1 - cos(head(x), teacher(x))) over a batch of them."""
+        for modality, vectors in replay.items():
+            if len(vectors):
+                target = torch.from_numpy(teacher.project(modality, vectors))
+                self.replay[modality] = (torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)), target)
 
     def validate(self) -> float | None:
         if self.val_relevant is None and self.score is None:
@@ -429,8 +493,12 @@ class _TrainingLoop:
 
     def batch_loss(self, rows: torch.Tensor) -> torch.Tensor:
         head, config, b, qm = self.head, self.config, self.batches, self.query_modality
-        img = head(IMAGE, b.image[rows], qm == IMAGE)
-        txt = head(TEXT, b.text[rows], qm == TEXT)
+        updates: list[torch.Tensor] | None = [] if self.penalty else None
+        img = head(IMAGE, b.image[rows], qm == IMAGE, updates)
+        txt = head(TEXT, b.text[rows], qm == TEXT, updates)
+        if head.kind == "paper":  # the paper's setup: its pairwise label loss alone
+            both_labels = torch.cat([b.labels[rows], b.labels[rows]])  # type: ignore[index]
+            return paper_pairwise_loss(torch.cat([img, txt]), both_labels, config.paper_temperature)
         ik, tk = b.image_keys[rows], b.text_keys[rows]
         positives = (ik[:, None] == ik[None, :]) | (tk[:, None] == tk[None, :])
         hard = {
@@ -452,6 +520,12 @@ class _TrainingLoop:
                 loss = loss + config.pairwise_weight * pairwise_label_loss(both, both_labels, config.pairwise_margin)
             if config.supcon_weight:
                 loss = loss + config.supcon_weight * supcon_loss(both, both_labels, config.supcon_temperature)
+        if updates:
+            loss = loss + self.penalty * torch.stack(updates).mean()
+        for modality, (vectors, target) in self.replay.items():
+            pick = torch.randint(len(vectors), (min(len(rows), len(vectors)),), generator=self.generator)
+            kept = (head(modality, vectors[pick]) * target[pick]).sum(-1)
+            loss = loss + config.replay_weight * (1 - kept).mean()
         return loss
 
     def epoch(self) -> float:

@@ -3,7 +3,8 @@
 A refit fits a new head on the corpus train pairs plus the train slice of the feedback
 (weighted), warm-started from the live head; validates it against the live head on the
 corpus val pairs and on the held-out slice of the feedback; and promotes it only if it is
-not worse on either beyond ``tolerance``. Modes:
+not worse on either beyond ``tolerance`` (and, with ``confidence`` set, better beyond noise:
+the gate's paired test, indexer/gate.py). Modes:
 
 - ``query``: only a query-side adapter of the queries' modality is trained; the indexes of
   the live snapshot are hard-linked into the new one (nothing re-projected or rebuilt);
@@ -52,6 +53,10 @@ class RefitPolicy:
     mode: str = "auto"
     max_seconds: float = 600.0  # wall-time cap of the training part of a run
     tolerance: float = 0.01  # how much worse than live a new head may validate
+    # None: a refit (warm-started from a live head the gate already passed) is promoted when
+    # not worse beyond the tolerance; a value (e.g. 0.95): only when also better beyond noise
+    # (the gate's paired test, indexer/gate.py). Held-out feedback is often a few dozen queries.
+    confidence: float | None = None
     feedback_weight: float = 1.0  # multiplies each event's own weight
     hard_negative_weight: float = FitConfig.hard_negative_weight  # an irrelevant item: this many negatives
     keep_snapshots: int = KEEP_SNAPSHOTS
@@ -71,6 +76,8 @@ class RefitPolicy:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InvalidArgument(f"{name} must be positive when set, got {value}")
+        if self.confidence is not None and not 0 < self.confidence < 1:
+            raise InvalidArgument(f"confidence must be in (0, 1), e.g. 0.95; got {self.confidence}")
         if self.max_seconds <= 0 or self.tolerance < 0 or self.feedback_weight <= 0:
             raise InvalidArgument("max_seconds and feedback_weight must be positive, tolerance not negative")
         if not (self.lr > 0 and self.full_lr > 0 and self.hard_negative_weight > 0):
@@ -95,7 +102,7 @@ class Refitter:
         self._pairs_tried = 0  # train pairs when a first head was last tried (see _due)
         self.runs = RefitRuns(engine.catalog)
         self.feedback = FeedbackLog(engine.catalog)
-        for run_id in self.runs.interrupt_running():
+        for run_id in [] if engine.read_only else self.runs.interrupt_running():  # a replica writes nothing
             log.warning("refit run %s was interrupted by a restart; the previous snapshot stays live", run_id)
 
     @property
@@ -185,6 +192,7 @@ class Refitter:
             patience=policy.patience,
             lr=policy.lr if mode == "query" else policy.full_lr,
             hard_negative_weight=policy.hard_negative_weight,
+            confidence=policy.confidence or FitConfig.confidence,
         )
 
     def _set_progress(self, step: str) -> None:
@@ -212,6 +220,7 @@ class Refitter:
             feedback_weight=self.policy.feedback_weight,
             vectors=vectors,
             on_step=self._set_progress,
+            significance=self.policy.confidence is not None,
         )
         after = {**(result.after or {}), "fit": {k: v for k, v in asdict(result.report).items() if k != "curve"}}
         common = {"mode": mode, "before": result.before, "after": after, "feedback_events": result.data.feedback_events}

@@ -190,7 +190,7 @@ def test_too_few_pairs_is_a_clear_error():
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_saved_and_loaded_head_gives_identical_outputs(kind, tmp_path):
-    train = shifted_pairs(400, seed=8)
+    train = shifted_pairs(400, seed=8, n_labels=3 if kind == "paper" else 0)  # the paper head learns labels
     head, _ = fit_head(train, None, FitConfig(kind=kind, epochs=2, hidden=64, dim_out=16 if kind == "pca" else None))
     digest = head.save(tmp_path)
     loaded = load_head(tmp_path)

@@ -18,6 +18,22 @@ HEAD_FLAGS: tuple[FieldFlag, ...] = (
     ("--seed", "seed", "random seed (default %(default)s)"),
     ("--pairwise-weight", "pairwise_weight", "weight of the label-aware pairwise loss (default %(default)s)"),
     ("--supcon-weight", "supcon_weight", "weight of the supervised contrastive loss (default %(default)s)"),
+    (
+        "--confidence",
+        "confidence",
+        "a new head goes live only if its validation gain over zero-shot passes a paired test at this "
+        "confidence, corrected for the blends tried (default %(default)s)",
+    ),
+    (
+        "--norm-penalty",
+        "norm_penalty",
+        "penalty on ||g(x)||^2 of a residual head, divided by the train pairs (default %(default)s)",
+    ),
+    (
+        "--cv-below",
+        "cv_below",
+        "cross-validate a new head when there are fewer validation pairs than this (default %(default)s)",
+    ),
 )
 
 REFIT_FLAGS: tuple[FieldFlag, ...] = (
@@ -36,6 +52,12 @@ REFIT_FLAGS: tuple[FieldFlag, ...] = (
         "(default %(default)s)",
     ),
     ("--keep-snapshots", "keep_snapshots", "snapshots kept for rollback (default %(default)s)"),
+    (
+        "--refit-confidence",
+        "confidence",
+        "also require a refit's validation gain over live to pass a paired test at this confidence, "
+        "e.g. 0.95 (default %(default)s: not worse beyond the tolerance is enough)",
+    ),
 )
 
 
