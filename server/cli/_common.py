@@ -170,11 +170,29 @@ def add_model_args(parser: argparse.ArgumentParser, *, default_from_data: bool =
         help=f"pretrained tag (default {DEFAULT_PRETRAINED} for {DEFAULT_MODEL}), a checkpoint "
         "path, or 'none' for random weights" + from_data,
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads of the encoder (torch or ONNX Runtime; default: one per core this process may use)",
+    )
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="load a .pt/.bin checkpoint with full unpickling (trusted files only)",
+    )
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """--device of the commands that run the encoder."""
+    from xmodal.indexer.encoder import DEVICES
+
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar=DEVICES,
+        help="where the encoder runs: auto picks a CUDA GPU when torch sees one (else MPS, else the CPU); "
+        "cuda runs under fp16 autocast (default %(default)s)",
     )
 
 
