@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .manifest import Manifest
 
 SCHEMA_VERSION = 1
+READ_ONLY_REFRESH_S = 1.0  # a read-only catalog's connections are re-opened this often
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test
 
 _SCHEMA = """
@@ -71,11 +72,28 @@ def split_for(image_id: str, fractions: Sequence[float] = SPLIT_FRACTIONS) -> st
 
 
 class Catalog:
-    """Thread-safe access to catalog.sqlite (one connection per thread)."""
+    """Thread-safe access to catalog.sqlite (one connection per thread).
 
-    def __init__(self, path: str | Path):
+    ``read_only`` (a read-only replica's catalog) never writes: no schema, no pragmas that
+    write. While a primary runs (the WAL file exists) it reads as any WAL reader does, which
+    means taking read-marks in the primary's shared-memory index (``-shm``); when none runs
+    it opens the file immutable, so not a byte changes. Its connections are re-opened at
+    least every :data:`READ_ONLY_REFRESH_S` seconds, and at once when a primary appears.
+    """
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path)
+        self.read_only = read_only
         self._local = threading.local()
+        self._open: list[sqlite3.Connection] = []  # every thread's, for close_all
+        self._open_lock = threading.Lock()
+        if read_only:
+            if not self.path.is_file():
+                raise FailedPrecondition(
+                    f"no catalog in {self.path.parent.name!r}: a read-only replica serves a data directory a "
+                    "primary has written (index it, or serve it once without --read-only)"
+                )
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self.db()
         db.executescript(_SCHEMA)  # idempotent; executescript commits on its own
@@ -84,6 +102,8 @@ class Catalog:
 
     # -- connections -------------------------------------------------------------
     def db(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._read_only_db()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -92,7 +112,44 @@ class Catalog:
             conn.execute("PRAGMA secure_delete=ON")  # erased rows leave zeros, not their bytes
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
+            with self._open_lock:
+                self._open.append(conn)
         return conn
+
+    def _read_only_db(self) -> sqlite3.Connection:
+        live = self.path.with_name(self.path.name + "-wal").exists()  # a primary has it open
+        conn = getattr(self._local, "conn", None)
+        stale = conn is not None and time.monotonic() - self._local.opened > READ_ONLY_REFRESH_S
+        if conn is not None and (stale or self._local.live != live):
+            conn.close()
+            conn = None
+        if conn is None:
+            mode = "mode=ro" if live else "immutable=1"
+            conn = sqlite3.connect(
+                f"file:{self.path}?{mode}", uri=True, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA query_only=ON")
+            conn.row_factory = sqlite3.Row
+            self._local.conn, self._local.live, self._local.opened = conn, live, time.monotonic()
+        return conn
+
+    def has_table(self, name: str) -> bool:
+        return (
+            self.db().execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+            is not None
+        )
+
+    def close_all(self) -> None:
+        """Close every thread's connection (a stopping server): the last one to close lets
+        SQLite fold the WAL into the database and remove it."""
+        with self._open_lock:
+            connections, self._open = self._open, []
+        for conn in connections:
+            try:
+                conn.close()
+            except sqlite3.ProgrammingError:
+                pass
+        self._local = threading.local()
 
     def checkpoint(self, timeout: float = 30.0) -> None:
         """Copy the WAL into the database and truncate it to zero bytes, so that no earlier
@@ -114,8 +171,10 @@ class Catalog:
         return _Transaction(self.db())
 
     def ensure_schema(self, sql: str) -> None:
-        """Create the tables another part owns (idempotent: CREATE ... IF NOT EXISTS)."""
-        self.db().executescript(sql)
+        """Create the tables another part owns (idempotent: CREATE ... IF NOT EXISTS); a
+        read-only catalog creates nothing (the primary made them)."""
+        if not self.read_only:
+            self.db().executescript(sql)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -8,6 +8,7 @@ adds nothing twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +36,9 @@ from .manifest import Manifest
 from .snapshot import DEFAULT_FACTORY, DataDir, Snapshot
 from .store import BaseStore, write_blob
 from .train import FitConfig
+
+if TYPE_CHECKING:
+    from .ray_pipeline import RayEmbedder, RayOptions
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_SHARD_SIZE = 1024
@@ -116,6 +121,25 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, depth:
         yield pending.popleft().result()
 
 
+def prepare_image(
+    encoder: Encoder, row, settings: DicomSettings, key: bytes
+) -> tuple[torch.Tensor | None, str | None, bytes | None]:
+    """Read and preprocess one image item (``row``: its ``path`` or ``source``):
+    (tensor, error, de-identified copy of a DICOM file). The one decode path of both the
+    local pipeline and the Ray actors, so that both make the same vectors."""
+    try:
+        with open(row["path"] or row["source"], "rb") as handle:
+            data_bytes = handle.read()
+        if not dicom.is_dicom(data_bytes):
+            return encoder.image_tensor(decode_image(data_bytes)), None, None
+        clinical = read_clinical(data_bytes, settings, key, max_pixels=DEFAULT_MAX_PIXELS)
+        return encoder.image_tensor(clinical.image), None, clinical.deidentified
+    except OSError as exc:
+        return None, f"cannot read {row['source']}: {exc.strerror or 'unreadable'}", None
+    except XmodalError as exc:
+        return None, str(exc), None
+
+
 def _batches(seq: list, size: int) -> Iterator[list]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
@@ -157,6 +181,7 @@ def index_corpus(
     dicom_window: dicom.Window | None = None,
     dicom_fields: tuple[str, ...] | None = None,
     allow_burned_in: bool | None = None,
+    ray: RayOptions | RayEmbedder | None = None,
 ) -> IndexReport:
     """Index a corpus into a data directory (idempotent; resumes after a crash).
 
@@ -173,6 +198,9 @@ def index_corpus(
         dicom_window, dicom_fields, allow_burned_in: how DICOM files are read (see
             xmodal.indexer.clinical); stored in the catalog, so later runs and the server
             read them the same way. None keeps what the catalog holds.
+        ray: embed texts and images on Ray (see xmodal.indexer.ray_pipeline): options for
+            a session of this run's own, or a RayEmbedder the caller has entered. The
+            catalog and base-store commits stay in this process. None: in this process.
 
     Raises:
         CorpusError: unreadable corpus. FailedPrecondition: another encoder built this
@@ -193,6 +221,28 @@ def index_corpus(
         window=dicom_window, fields=dicom_fields, allow_burned_in=allow_burned_in
     )
     parsed = read_corpus(corpus, dicom=HeaderReader(settings, lambda: key_for(data.root)))
+    remote: contextlib.AbstractContextManager = contextlib.nullcontext(ray)
+    if ray is not None:
+        from . import ray_pipeline
+
+        if isinstance(ray, ray_pipeline.RayOptions):  # a Ray session of this run's own
+            remote = ray_pipeline.RayEmbedder(ray)
+    with remote as embedder:
+        report = _index(data, encoder, options, parsed, settings, embedder, head, label_field)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _index(
+    data: DataDir,
+    encoder: Encoder,
+    options: IndexOptions,
+    parsed: Corpus,
+    settings: DicomSettings,
+    embedder: RayEmbedder | None,
+    head: FitConfig | None,
+    label_field: str | None,
+) -> IndexReport:
     run = _IndexRun(data, encoder, options)
     try:
         run.dicom = update_settings(run.catalog, settings)
@@ -201,12 +251,14 @@ def index_corpus(
             max_workers=options.workers or max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="xmodal-decode"
         ) as pool:
             run.register(parsed, pool)
-            run.embed_texts()
-            run.embed_images(pool)
+            if embedder is not None:  # texts and images through one actor pool (one model load)
+                embedder.embed(run)
+            else:
+                run.embed_texts()
+                run.embed_images(pool)
         run.write_snapshot(head or FitConfig(), label_field)
     finally:
         run.catalog.close()
-    run.report.seconds = time.perf_counter() - started
     return run.report
 
 
@@ -255,18 +307,13 @@ class _IndexRun:
     def _prepare(self, row) -> tuple[str, torch.Tensor | None, str | None, str | None]:
         """Read and preprocess one image (in a worker thread): (id, tensor, error, blob). A
         DICOM file's de-identified copy is written under blobs/ (GetItems returns it)."""
+        tensor, error, copy = prepare_image(self.encoder, row, self.dicom, self.dicom_key)
+        if copy is None:
+            return row["id"], tensor, error, None
         try:
-            with open(row["path"] or row["source"], "rb") as handle:
-                data_bytes = handle.read()
-            if not dicom.is_dicom(data_bytes):
-                return row["id"], self.encoder.image_tensor(decode_image(data_bytes)), None, None
-            clinical = read_clinical(data_bytes, self.dicom, self.dicom_key, max_pixels=DEFAULT_MAX_PIXELS)
-            blob = write_blob(self.data.root, clinical.deidentified)
-            return row["id"], self.encoder.image_tensor(clinical.image), None, blob
+            return row["id"], tensor, None, write_blob(self.data.root, copy)
         except OSError as exc:
             return row["id"], None, f"cannot read {row['source']}: {exc.strerror or 'unreadable'}", None
-        except XmodalError as exc:
-            return row["id"], None, str(exc), None
 
     def embed_images(self, pool: ThreadPoolExecutor) -> None:
         """Decode images in ``pool`` while the encoder runs batches; one shard per chunk."""

@@ -73,7 +73,12 @@ class BaseStore:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive use of the shard files and their catalog rows (re-entrant; shared by
-        every BaseStore on the same folder in this process; across processes by an flock)."""
+        every BaseStore on the same folder in this process; across processes by an flock).
+        Over a read-only catalog (a replica) it takes nothing: a replica never holds up the
+        primary, and a read that meets a shard being replaced is retried on the next check."""
+        if self.catalog.read_only:
+            yield
+            return
         with _StoreLock.of(self.root).held():
             yield
 

@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS tombstones (
 
 def tombstoned(catalog: Catalog) -> set[str]:
     catalog.ensure_schema(TOMBSTONES)
+    if catalog.read_only and not catalog.has_table("tombstones"):  # a primary that never served
+        return set()
     return {r[0] for r in catalog.db().execute("SELECT id FROM tombstones")}
 
 

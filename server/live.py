@@ -330,17 +330,37 @@ class LiveView:
             self.dirty_since = self.dirty_since or time.time()
 
     def watch(self, interval: float = 2.0) -> None:
-        """Poll CURRENT in a background thread and swap when it changes."""
+        """Poll CURRENT in a background thread and swap when it changes. Over a read-only
+        catalog (a replica) also follow the primary's corpus writes: when the catalog's write
+        sequence or its tombstones change, catch the live snapshot up again."""
 
         def loop() -> None:
+            seen = self.catalog_mark() if self.catalog.read_only else None
             while not self._stop.wait(interval):
                 try:
-                    self.load_current()
+                    swapped = self.load_current()
+                    if self.catalog.read_only:
+                        mark = self.catalog_mark()
+                        if mark != seen and not swapped and self.snapshot is not None:
+                            self.load_snapshot(self.snapshot.id, force=True)
+                        seen = mark
                 except Exception:  # noqa: BLE001 - keep serving the old snapshot, say why
                     log.exception("could not load the snapshot CURRENT names; still serving the previous one")
 
         self._watcher = threading.Thread(target=loop, name="xmodal-snapshot-watch", daemon=True)
         self._watcher.start()
+
+    def catalog_mark(self) -> tuple:
+        """What changes with every corpus write of the primary: the catalog's write sequence
+        and its tombstones (deletes, and the erasures that drop them)."""
+        db = self.catalog.db()
+        seq = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+        tombs = (
+            tuple(db.execute("SELECT COUNT(*), MAX(seq) FROM tombstones").fetchone())
+            if self.catalog.has_table("tombstones")
+            else ()
+        )
+        return (seq[0] if seq else None, tombs)
 
     def close(self) -> None:
         self._stop.set()

@@ -164,6 +164,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             filter_fields=[
                 pb.FilterField(name=f.name, kind=f.kind, declared=f.declared) for f in status["filter_fields"]
             ],
+            read_only=status["read_only"],
+            primary=status["primary"],
         )
 
     def _is_admin(self, context) -> bool:
@@ -177,12 +179,15 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         return entry is not None and entry.role == "admin"
 
     def _feedback_counts(self) -> pb.FeedbackCounts:
-        last = self.refitter.runs.last_started() if self.refitter else None
+        if self.engine.read_only and not self.engine.catalog.has_table("feedback"):
+            return pb.FeedbackCounts()  # a replica of a directory no server has written yet
+        runs = self.refitter is not None and (not self.engine.read_only or self.engine.catalog.has_table("refit_runs"))
+        last = self.refitter.runs.last_started() if runs and self.refitter else None
         events = FeedbackLog(self.engine.catalog)
         return pb.FeedbackCounts(total=events.count(), since_last_refit=events.count(since=last))
 
     def _recent_runs(self) -> list[pb.RefitRun]:
-        if self.refitter is None:
+        if self.refitter is None or (self.engine.read_only and not self.engine.catalog.has_table("refit_runs")):
             return []
         running = self.refitter.running
         refits = []
@@ -207,6 +212,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     @rpc
     def SubmitFeedback(self, request, context):
+        self.engine.check_writable("feedback")
         feedback_id = self.engine.submit_feedback(
             **_query_kwargs(request.query),
             relevant=list(request.relevant_ids),
@@ -226,12 +232,14 @@ class IndexServicer(pb_grpc.IndexServiceServicer):
 
     @rpc
     def UpsertItems(self, request, context):
+        self.engine.check_writable("upserts")
         items = [_new_item(item) for item in request.items]
         counts = self.engine.corpus.upsert(items)
         return pb.UpsertItemsResponse(**counts, item_ids=[item.item_id for item in items])
 
     @rpc
     def DeleteItems(self, request, context):
+        self.engine.check_writable("deletes")
         deleted, unknown = self.engine.corpus.delete(list(request.item_ids), purge=request.purge)
         return pb.DeleteItemsResponse(deleted_ids=deleted, unknown_ids=unknown)
 
@@ -255,6 +263,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @rpc
     def Refit(self, request, context):
+        self.engine.check_writable("refits")
         return pb.RefitResponse(run_id=self.refitter.start(request.mode or None))
 
     @rpc
@@ -266,6 +275,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @rpc
     def Rollback(self, request, context):
+        self.engine.check_writable("rollbacks")
         if not request.snapshot_id.strip():
             raise InvalidArgument("snapshot_id is empty: pass an id from ListSnapshots")
         if self.refitter.running:
@@ -284,6 +294,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @rpc
     def Compact(self, request, context):
+        self.engine.check_writable("compactions")
         report = self.engine.compactor.compact("requested")
         return pb.CompactResponse(
             snapshot_id=report.snapshot_id,

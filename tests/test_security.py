@@ -68,6 +68,15 @@ def test_roles(keyed, world_corpus):
         assert any(s.live for s in client.list_snapshots())
 
 
+def test_only_admins_see_the_data_directory(keyed, indexed):
+    server, keys, _ = keyed
+    seen = {}
+    for role in ("search", "feedback", "admin"):
+        with xc.SearchClient(server.address, api_key=keys[role]) as client:
+            seen[role] = client.status().raw.data_dir
+    assert seen == {"search": "", "feedback": "", "admin": str(indexed)}
+
+
 def test_keys_never_appear_in_logs(engine, tmp_path, caplog):
     path = tmp_path / "keys.json"
     key = add_key(path, "ops", "admin")

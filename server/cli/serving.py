@@ -12,7 +12,16 @@ from pathlib import Path
 
 from xmodal.server.config import ServeConfig
 
-from ._common import Command, FieldFlag, add_field_flags, add_model_args, field_values, model_args, usage_error
+from ._common import (
+    Command,
+    FieldFlag,
+    add_device_arg,
+    add_field_flags,
+    add_model_args,
+    field_values,
+    model_args,
+    usage_error,
+)
 from ._training import add_refit_args, policy
 
 log = logging.getLogger(__name__)
@@ -26,15 +35,35 @@ def build_engine(
     limits=None,
     allow_pickle: bool = False,
     mmap: bool = False,
+    *,
+    read_only: bool = False,
+    primary: str = "",
+    device: str | None = "cpu",
+    encoding=None,
 ):
     """A SearchEngine on ``data`` with its encoder loaded, debris cleaned and the live snapshot
-    loaded; ``mmap`` memory-maps the snapshots' index files."""
+    loaded; ``mmap`` memory-maps the snapshots' index files. A ``read_only`` replica cleans
+    nothing (debris is the primary's to remove)."""
     from xmodal.indexer.encoder import load_encoder
+    from xmodal.indexer.onnx_encoder import query_encoder
+    from xmodal.server.batcher import QueryEncoding
     from xmodal.server.engine import Limits, SearchEngine
 
-    encoder = load_encoder(model, pretrained, threads=threads, allow_pickle=allow_pickle)
-    engine = SearchEngine(data, encoder, limits=limits or Limits(), mmap=mmap)
-    engine.clean_debris()
+    encoding = encoding or QueryEncoding()
+    encoder = load_encoder(model, pretrained, threads=threads, allow_pickle=allow_pickle, device=device)
+    fast = query_encoder(encoder, encoding.runtime, threads=threads)
+    engine = SearchEngine(
+        data,
+        encoder,
+        limits=limits or Limits(),
+        mmap=mmap,
+        read_only=read_only,
+        primary=primary,
+        query_encoder=fast,
+        encoding=encoding,
+    )
+    if not read_only:
+        engine.clean_debris()
     engine.load_current()
     return engine
 
@@ -114,6 +143,18 @@ COMPACTION_FLAGS: tuple[FieldFlag, ...] = (  # CompactionPolicy's fields
     ),
 )
 
+QUERY_FLAGS: tuple[FieldFlag, ...] = (  # QueryEncoding's fields
+    (
+        "--query-runtime",
+        "runtime",
+        "what encodes queries: torch, onnx or onnx-int8 (ONNX Runtime on the CPU, exported once and cached, "
+        "checked against torch at start; corpus vectors always come from torch) (default %(default)s)",
+    ),
+    ("--batch-max", "max_batch", "most concurrent queries encoded in one forward pass (default %(default)s; 1 = off)"),
+    ("--batch-wait-ms", "max_wait_ms", "how long a query waits for others to share its pass (default %(default)s)"),
+    ("--query-cache", "cache_size", "query embeddings kept in an LRU cache (default %(default)s; 0 = off)"),
+)
+
 SCHEDULE_FLAGS: tuple[FieldFlag, ...] = (  # RefitPolicy's timing, besides REFIT OPTIONS
     ("--refit-interval", "interval_s", "refit every N seconds when there is new feedback (default: off)"),
     ("--refit-after", "after_feedback", "refit after M new feedback events (default: off)"),
@@ -122,6 +163,12 @@ SCHEDULE_FLAGS: tuple[FieldFlag, ...] = (  # RefitPolicy's timing, besides REFIT
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(**field_values(args, SERVE_FLAGS))
+
+
+def query_encoding(args: argparse.Namespace):
+    from xmodal.server.batcher import QueryEncoding
+
+    return QueryEncoding(**field_values(args, QUERY_FLAGS))
 
 
 def compaction_policy(args: argparse.Namespace):
@@ -157,6 +204,7 @@ class ServeCommand(Command):
     help = "run the gRPC server on a data directory"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from xmodal.server.batcher import QueryEncoding
         from xmodal.server.compaction import CompactionPolicy
         from xmodal.server.limits import Limits
         from xmodal.server.refit import RefitPolicy
@@ -169,7 +217,18 @@ class ServeCommand(Command):
             action="store_true",
             help="memory-map the index files read-only (faster start, pages shared between processes)",
         )
+        parser.add_argument(
+            "--read-only",
+            action="store_true",
+            help="a read-only replica: serve Search, GetItems and GetStatus from what a primary writes to this "
+            "(shared or synced) data directory, follow it, and never write; writes get FAILED_PRECONDITION",
+        )
+        parser.add_argument(
+            "--primary", default="", metavar="HOST:PORT", help="with --read-only: the primary, named to clients"
+        )
         add_model_args(parser, default_from_data=True)
+        add_device_arg(parser)
+        add_field_flags(parser, QueryEncoding, QUERY_FLAGS)
         add_field_flags(parser, Limits, LIMIT_FLAGS)
         add_field_flags(parser, CompactionPolicy, COMPACTION_FLAGS)
         add_field_flags(parser, RefitPolicy, SCHEDULE_FLAGS)
@@ -177,16 +236,24 @@ class ServeCommand(Command):
         _add_security_args(parser)
 
     def validate(self, args: argparse.Namespace) -> None:
+        from xmodal.indexer.encoder import resolve_device
+
+        if args.primary and not args.read_only:
+            raise usage_error(args, "--primary names a read-only replica's primary: add --read-only, or drop it")
         if bool(args.tls_cert) != bool(args.tls_key):
             raise usage_error(args, "--tls-cert and --tls-key go together")
         if args.tls_client_ca and not args.tls_cert:
             raise usage_error(args, "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
         serve_config(args)  # each raises InvalidArgument on a bad value, before the encoder loads
         limits(args)
+        query_encoding(args)
+        resolve_device(args.device)
         compaction_policy(args)
         policy(args)
 
     def run(self, args: argparse.Namespace) -> int:
+        if args.read_only:  # takes no lock: a replica writes nothing, and holds up nobody
+            return self._serve(args)
         with serving_lock(args.data):
             return self._serve(args)
 
@@ -195,11 +262,24 @@ class ServeCommand(Command):
 
         config = serve_config(args)
         model, pretrained = model_args(args, Path(args.data))
-        engine = build_engine(args.data, model, pretrained, args.threads, limits(args), args.allow_pickle, args.mmap)
+        engine = build_engine(
+            args.data,
+            model,
+            pretrained,
+            args.threads,
+            limits(args),
+            args.allow_pickle,
+            args.mmap,
+            read_only=args.read_only,
+            primary=args.primary,
+            device=args.device,
+            encoding=query_encoding(args),
+        )
         refitter = Refitter(engine, policy(args))
-        if engine.snapshot is None:  # an empty data directory: serve it, empty, and take upserts
-            engine.compactor.first_snapshot()
-        engine.compactor.schedule(compaction_policy(args))
+        if not args.read_only:
+            if engine.snapshot is None:  # an empty data directory: serve it, empty, and take upserts
+                engine.compactor.first_snapshot()
+            engine.compactor.schedule(compaction_policy(args))
         engine.watch(config.watch_interval)
         server = _start_server(args, config, engine, refitter)
         if args.port_file:
@@ -232,14 +312,16 @@ def _start_server(args: argparse.Namespace, config: ServeConfig, engine, refitte
         max_message_bytes=config.max_message_bytes,
     ).start()
     _serve_metrics(config)
-    refitter.schedule()
+    if not engine.read_only:
+        refitter.schedule()
     log.info(
-        "serving %s on %s%s (encoder %s, %d API key(s))",
-        engine.data.root,
+        "serving data directory %r on %s%s (encoder %s, %d API key(s))%s",
+        engine.data.root.name,  # its name only: the server's own paths stay out of logs
         server.address,
         " with TLS" if tls else "",
         engine.encoder.identity,
         len(keys),
+        f", a read-only replica of {engine.primary or 'the primary'}" if engine.read_only else "",
     )
     return server
 

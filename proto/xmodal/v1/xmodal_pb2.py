@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16xmodal/v1/xmodal.proto\x12\txmodal.v1\"C\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07item_id\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"\x83\x01\n\rSearchRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.xmodal.v1.Query\x12#\n\x06target\x18\x02 \x01(\x0e\x32\x13.xmodal.v1.Modality\x12\t\n\x01k\x18\x03 \x01(\x05\x12!\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x11.xmodal.v1.Filter\".\n\x06\x46ilter\x12$\n\x06\x61ll_of\x18\x01 \x03(\x0b\x32\x14.xmodal.v1.Condition\"\xa6\x01\n\tCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06\x61ny_of\x18\x02 \x03(\t\x12\x10\n\x03min\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08min_text\x18\x05 \x01(\tH\x02\x88\x01\x01\x12\x15\n\x08max_text\x18\x06 \x01(\tH\x03\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_maxB\x0b\n\t_min_textB\x0b\n\t_max_text\"\x8f\x01\n\x03Hit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12%\n\x08modality\x18\x03 \x01(\x0e\x32\x13.xmodal.v1.Modality\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x15\n\rmetadata_json\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x05\"f\n\x0eSearchResponse\x12\x1c\n\x04hits\x18\x01 \x03(\x0b\x32\x0e.xmodal.v1.Hit\x12\x13\n\x0bsnapshot_id\x18\x02 \x01(\t\x12!\n\x06timing\x18\x03 \x01(\x0b\x32\x11.xmodal.v1.Timing\"Q\n\x06Timing\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x0f\n\x07head_ms\x18\x02 \x01(\x01\x12\x11\n\tsearch_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\":\n\x0fGetItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x15\n\rmetadata_only\x18\x02 \x01(\x08\"\x98\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12%\n\x08modality\x18\x02 \x01(\x0e\x32\x13.xmodal.v1.Modality\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x15\n\rmetadata_json\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x07 \x01(\t\"2\n\x10GetItemsResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.xmodal.v1.Item\"\x12\n\x10GetStatusRequest\"^\n\rModalityCount\x12%\n\x08modality\x18\x01 \x01(\x0e\x32\x13.xmodal.v1.Modality\x12\x15\n\rcatalog_items\x18\x02 \x01(\x03\x12\x0f\n\x07indexed\x18\x03 \x01(\x03\"\xbb\x01\n\x0cSnapshotInfo\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x11\n\thead_kind\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t\x12\x15\n\rfaiss_factory\x18\x06 \x01(\t\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\x11\n\tparent_id\x18\x08 \x01(\t\x12\x14\n\x0cmetrics_json\x18\t \x01(\t\"9\n\x0e\x46\x65\x65\x64\x62\x61\x63kCounts\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x18\n\x10since_last_refit\x18\x02 \x01(\x03\"\xd9\x01\n\x08RefitRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\t\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\x13\n\x0b\x62\x65\x66ore_json\x18\x06 \x01(\t\x12\x12\n\nafter_json\x18\x07 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x10\n\x08progress\x18\n \x01(\t\x12\x17\n\x0f\x66\x65\x65\x64\x62\x61\x63k_events\x18\x0b \x01(\x03\"\xea\x02\n\x11GetStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12)\n\x08snapshot\x18\x02 \x01(\x0b\x32\x17.xmodal.v1.SnapshotInfo\x12(\n\x06\x63ounts\x18\x03 \x03(\x0b\x32\x18.xmodal.v1.ModalityCount\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\r\n\x05max_k\x18\x06 \x01(\x05\x12\x10\n\x08\x64\x61ta_dir\x18\x07 \x01(\t\x12+\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x08 \x01(\x0b\x32\x19.xmodal.v1.FeedbackCounts\x12#\n\x06refits\x18\t \x03(\x0b\x32\x13.xmodal.v1.RefitRun\x12*\n\x0blive_corpus\x18\n \x01(\x0b\x32\x15.xmodal.v1.LiveCorpus\x12-\n\rfilter_fields\x18\x0b \x03(\x0b\x32\x16.xmodal.v1.FilterField\";\n\x0b\x46ilterField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x63lared\x18\x03 \x01(\x08\"\x90\x01\n\nLiveCorpus\x12\x13\n\x0b\x64\x65lta_items\x18\x01 \x01(\x03\x12\x14\n\x0chidden_items\x18\x02 \x01(\x03\x12\x17\n\x0fpending_erasure\x18\x03 \x01(\x03\x12#\n\x1blast_compaction_snapshot_id\x18\x04 \x01(\t\x12\x19\n\x11last_compaction_s\x18\x05 \x01(\x01\"\x86\x01\n\x15SubmitFeedbackRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.xmodal.v1.Query\x12\x14\n\x0crelevant_ids\x18\x02 \x03(\t\x12\x16\n\x0eirrelevant_ids\x18\x03 \x03(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x0e\n\x06source\x18\x05 \x01(\t\"-\n\x16SubmitFeedbackResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\"\x1c\n\x0cRefitRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\"\x1f\n\rRefitResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x16\n\x14ListSnapshotsRequest\"T\n\x15ListSnapshotsResponse\x12*\n\tsnapshots\x18\x01 \x03(\x0b\x32\x17.xmodal.v1.SnapshotInfo\x12\x0f\n\x07live_id\x18\x02 \x01(\t\"&\n\x0fRollbackRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"=\n\x10RollbackResponse\x12)\n\x08snapshot\x18\x01 \x01(\x0b\x32\x17.xmodal.v1.SnapshotInfo\"\x10\n\x0e\x43ompactRequest\"\x80\x01\n\x0f\x43ompactResponse\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66olded_items\x18\x02 \x01(\x03\x12\x14\n\x0c\x65rased_items\x18\x03 \x01(\x03\x12\x1b\n\x13rewritten_snapshots\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"~\n\x07NewItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\x0f\n\x07pair_id\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\tB\t\n\x07\x63ontent\"7\n\x12UpsertItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.xmodal.v1.NewItem\"o\n\x13UpsertItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x05\x12\x11\n\tunchanged\x18\x03 \x01(\x05\x12\x13\n\x0bpairs_added\x18\x04 \x01(\x05\x12\x10\n\x08item_ids\x18\x05 \x03(\t\"5\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\r\n\x05purge\x18\x02 \x01(\x08\"?\n\x13\x44\x65leteItemsResponse\x12\x13\n\x0b\x64\x65leted_ids\x18\x01 \x03(\t\x12\x13\n\x0bunknown_ids\x18\x02 \x03(\t*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x11\n\rMODALITY_TEXT\x10\x02\x32\xb2\x02\n\rSearchService\x12=\n\x06Search\x12\x18.xmodal.v1.SearchRequest\x1a\x19.xmodal.v1.SearchResponse\x12\x43\n\x08GetItems\x12\x1a.xmodal.v1.GetItemsRequest\x1a\x1b.xmodal.v1.GetItemsResponse\x12\x46\n\tGetStatus\x12\x1b.xmodal.v1.GetStatusRequest\x1a\x1c.xmodal.v1.GetStatusResponse\x12U\n\x0eSubmitFeedback\x12 .xmodal.v1.SubmitFeedbackRequest\x1a!.xmodal.v1.SubmitFeedbackResponse2\xaa\x01\n\x0cIndexService\x12L\n\x0bUpsertItems\x12\x1d.xmodal.v1.UpsertItemsRequest\x1a\x1e.xmodal.v1.UpsertItemsResponse\x12L\n\x0b\x44\x65leteItems\x12\x1d.xmodal.v1.DeleteItemsRequest\x1a\x1e.xmodal.v1.DeleteItemsResponse2\xa5\x02\n\x0c\x41\x64minService\x12:\n\x05Refit\x12\x17.xmodal.v1.RefitRequest\x1a\x18.xmodal.v1.RefitResponse\x12R\n\rListSnapshots\x12\x1f.xmodal.v1.ListSnapshotsRequest\x1a .xmodal.v1.ListSnapshotsResponse\x12\x43\n\x08Rollback\x12\x1a.xmodal.v1.RollbackRequest\x1a\x1b.xmodal.v1.RollbackResponse\x12@\n\x07\x43ompact\x12\x19.xmodal.v1.CompactRequest\x1a\x1a.xmodal.v1.CompactResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16xmodal/v1/xmodal.proto\x12\txmodal.v1\"C\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07item_id\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"\x83\x01\n\rSearchRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.xmodal.v1.Query\x12#\n\x06target\x18\x02 \x01(\x0e\x32\x13.xmodal.v1.Modality\x12\t\n\x01k\x18\x03 \x01(\x05\x12!\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x11.xmodal.v1.Filter\".\n\x06\x46ilter\x12$\n\x06\x61ll_of\x18\x01 \x03(\x0b\x32\x14.xmodal.v1.Condition\"\xa6\x01\n\tCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06\x61ny_of\x18\x02 \x03(\t\x12\x10\n\x03min\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08min_text\x18\x05 \x01(\tH\x02\x88\x01\x01\x12\x15\n\x08max_text\x18\x06 \x01(\tH\x03\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_maxB\x0b\n\t_min_textB\x0b\n\t_max_text\"\x8f\x01\n\x03Hit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12%\n\x08modality\x18\x03 \x01(\x0e\x32\x13.xmodal.v1.Modality\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x15\n\rmetadata_json\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x05\"f\n\x0eSearchResponse\x12\x1c\n\x04hits\x18\x01 \x03(\x0b\x32\x0e.xmodal.v1.Hit\x12\x13\n\x0bsnapshot_id\x18\x02 \x01(\t\x12!\n\x06timing\x18\x03 \x01(\x0b\x32\x11.xmodal.v1.Timing\"Q\n\x06Timing\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x0f\n\x07head_ms\x18\x02 \x01(\x01\x12\x11\n\tsearch_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\":\n\x0fGetItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x15\n\rmetadata_only\x18\x02 \x01(\x08\"\x98\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12%\n\x08modality\x18\x02 \x01(\x0e\x32\x13.xmodal.v1.Modality\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x15\n\rmetadata_json\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x07 \x01(\t\"2\n\x10GetItemsResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.xmodal.v1.Item\"\x12\n\x10GetStatusRequest\"^\n\rModalityCount\x12%\n\x08modality\x18\x01 \x01(\x0e\x32\x13.xmodal.v1.Modality\x12\x15\n\rcatalog_items\x18\x02 \x01(\x03\x12\x0f\n\x07indexed\x18\x03 \x01(\x03\"\xbb\x01\n\x0cSnapshotInfo\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x11\n\thead_kind\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t\x12\x15\n\rfaiss_factory\x18\x06 \x01(\t\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\x11\n\tparent_id\x18\x08 \x01(\t\x12\x14\n\x0cmetrics_json\x18\t \x01(\t\"9\n\x0e\x46\x65\x65\x64\x62\x61\x63kCounts\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x18\n\x10since_last_refit\x18\x02 \x01(\x03\"\xd9\x01\n\x08RefitRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\t\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\x13\n\x0b\x62\x65\x66ore_json\x18\x06 \x01(\t\x12\x12\n\nafter_json\x18\x07 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x10\n\x08progress\x18\n \x01(\t\x12\x17\n\x0f\x66\x65\x65\x64\x62\x61\x63k_events\x18\x0b \x01(\x03\"\x8e\x03\n\x11GetStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12)\n\x08snapshot\x18\x02 \x01(\x0b\x32\x17.xmodal.v1.SnapshotInfo\x12(\n\x06\x63ounts\x18\x03 \x03(\x0b\x32\x18.xmodal.v1.ModalityCount\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\r\n\x05max_k\x18\x06 \x01(\x05\x12\x10\n\x08\x64\x61ta_dir\x18\x07 \x01(\t\x12+\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x08 \x01(\x0b\x32\x19.xmodal.v1.FeedbackCounts\x12#\n\x06refits\x18\t \x03(\x0b\x32\x13.xmodal.v1.RefitRun\x12*\n\x0blive_corpus\x18\n \x01(\x0b\x32\x15.xmodal.v1.LiveCorpus\x12-\n\rfilter_fields\x18\x0b \x03(\x0b\x32\x16.xmodal.v1.FilterField\x12\x11\n\tread_only\x18\x0c \x01(\x08\x12\x0f\n\x07primary\x18\r \x01(\t\";\n\x0b\x46ilterField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x63lared\x18\x03 \x01(\x08\"\x90\x01\n\nLiveCorpus\x12\x13\n\x0b\x64\x65lta_items\x18\x01 \x01(\x03\x12\x14\n\x0chidden_items\x18\x02 \x01(\x03\x12\x17\n\x0fpending_erasure\x18\x03 \x01(\x03\x12#\n\x1blast_compaction_snapshot_id\x18\x04 \x01(\t\x12\x19\n\x11last_compaction_s\x18\x05 \x01(\x01\"\x86\x01\n\x15SubmitFeedbackRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.xmodal.v1.Query\x12\x14\n\x0crelevant_ids\x18\x02 \x03(\t\x12\x16\n\x0eirrelevant_ids\x18\x03 \x03(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x0e\n\x06source\x18\x05 \x01(\t\"-\n\x16SubmitFeedbackResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\"\x1c\n\x0cRefitRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\"\x1f\n\rRefitResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x16\n\x14ListSnapshotsRequest\"T\n\x15ListSnapshotsResponse\x12*\n\tsnapshots\x18\x01 \x03(\x0b\x32\x17.xmodal.v1.SnapshotInfo\x12\x0f\n\x07live_id\x18\x02 \x01(\t\"&\n\x0fRollbackRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"=\n\x10RollbackResponse\x12)\n\x08snapshot\x18\x01 \x01(\x0b\x32\x17.xmodal.v1.SnapshotInfo\"\x10\n\x0e\x43ompactRequest\"\x80\x01\n\x0f\x43ompactResponse\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66olded_items\x18\x02 \x01(\x03\x12\x14\n\x0c\x65rased_items\x18\x03 \x01(\x03\x12\x1b\n\x13rewritten_snapshots\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"~\n\x07NewItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\x0f\n\x07pair_id\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\tB\t\n\x07\x63ontent\"7\n\x12UpsertItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.xmodal.v1.NewItem\"o\n\x13UpsertItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x05\x12\x11\n\tunchanged\x18\x03 \x01(\x05\x12\x13\n\x0bpairs_added\x18\x04 \x01(\x05\x12\x10\n\x08item_ids\x18\x05 \x03(\t\"5\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\r\n\x05purge\x18\x02 \x01(\x08\"?\n\x13\x44\x65leteItemsResponse\x12\x13\n\x0b\x64\x65leted_ids\x18\x01 \x03(\t\x12\x13\n\x0bunknown_ids\x18\x02 \x03(\t*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x11\n\rMODALITY_TEXT\x10\x02\x32\xb2\x02\n\rSearchService\x12=\n\x06Search\x12\x18.xmodal.v1.SearchRequest\x1a\x19.xmodal.v1.SearchResponse\x12\x43\n\x08GetItems\x12\x1a.xmodal.v1.GetItemsRequest\x1a\x1b.xmodal.v1.GetItemsResponse\x12\x46\n\tGetStatus\x12\x1b.xmodal.v1.GetStatusRequest\x1a\x1c.xmodal.v1.GetStatusResponse\x12U\n\x0eSubmitFeedback\x12 .xmodal.v1.SubmitFeedbackRequest\x1a!.xmodal.v1.SubmitFeedbackResponse2\xaa\x01\n\x0cIndexService\x12L\n\x0bUpsertItems\x12\x1d.xmodal.v1.UpsertItemsRequest\x1a\x1e.xmodal.v1.UpsertItemsResponse\x12L\n\x0b\x44\x65leteItems\x12\x1d.xmodal.v1.DeleteItemsRequest\x1a\x1e.xmodal.v1.DeleteItemsResponse2\xa5\x02\n\x0c\x41\x64minService\x12:\n\x05Refit\x12\x17.xmodal.v1.RefitRequest\x1a\x18.xmodal.v1.RefitResponse\x12R\n\rListSnapshots\x12\x1f.xmodal.v1.ListSnapshotsRequest\x1a .xmodal.v1.ListSnapshotsResponse\x12\x43\n\x08Rollback\x12\x1a.xmodal.v1.RollbackRequest\x1a\x1b.xmodal.v1.RollbackResponse\x12@\n\x07\x43ompact\x12\x19.xmodal.v1.CompactRequest\x1a\x1a.xmodal.v1.CompactResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'xmodal.v1.xmodal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=3242
-  _globals['_MODALITY']._serialized_end=3317
+  _globals['_MODALITY']._serialized_start=3278
+  _globals['_MODALITY']._serialized_end=3353
   _globals['_QUERY']._serialized_start=37
   _globals['_QUERY']._serialized_end=104
   _globals['_SEARCHREQUEST']._serialized_start=107
@@ -64,45 +64,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFITRUN']._serialized_start=1423
   _globals['_REFITRUN']._serialized_end=1640
   _globals['_GETSTATUSRESPONSE']._serialized_start=1643
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2005
-  _globals['_FILTERFIELD']._serialized_start=2007
-  _globals['_FILTERFIELD']._serialized_end=2066
-  _globals['_LIVECORPUS']._serialized_start=2069
-  _globals['_LIVECORPUS']._serialized_end=2213
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=2216
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=2350
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=2352
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=2397
-  _globals['_REFITREQUEST']._serialized_start=2399
-  _globals['_REFITREQUEST']._serialized_end=2427
-  _globals['_REFITRESPONSE']._serialized_start=2429
-  _globals['_REFITRESPONSE']._serialized_end=2460
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=2462
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=2484
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=2486
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=2570
-  _globals['_ROLLBACKREQUEST']._serialized_start=2572
-  _globals['_ROLLBACKREQUEST']._serialized_end=2610
-  _globals['_ROLLBACKRESPONSE']._serialized_start=2612
-  _globals['_ROLLBACKRESPONSE']._serialized_end=2673
-  _globals['_COMPACTREQUEST']._serialized_start=2675
-  _globals['_COMPACTREQUEST']._serialized_end=2691
-  _globals['_COMPACTRESPONSE']._serialized_start=2694
-  _globals['_COMPACTRESPONSE']._serialized_end=2822
-  _globals['_NEWITEM']._serialized_start=2824
-  _globals['_NEWITEM']._serialized_end=2950
-  _globals['_UPSERTITEMSREQUEST']._serialized_start=2952
-  _globals['_UPSERTITEMSREQUEST']._serialized_end=3007
-  _globals['_UPSERTITEMSRESPONSE']._serialized_start=3009
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=3120
-  _globals['_DELETEITEMSREQUEST']._serialized_start=3122
-  _globals['_DELETEITEMSREQUEST']._serialized_end=3175
-  _globals['_DELETEITEMSRESPONSE']._serialized_start=3177
-  _globals['_DELETEITEMSRESPONSE']._serialized_end=3240
-  _globals['_SEARCHSERVICE']._serialized_start=3320
-  _globals['_SEARCHSERVICE']._serialized_end=3626
-  _globals['_INDEXSERVICE']._serialized_start=3629
-  _globals['_INDEXSERVICE']._serialized_end=3799
-  _globals['_ADMINSERVICE']._serialized_start=3802
-  _globals['_ADMINSERVICE']._serialized_end=4095
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2041
+  _globals['_FILTERFIELD']._serialized_start=2043
+  _globals['_FILTERFIELD']._serialized_end=2102
+  _globals['_LIVECORPUS']._serialized_start=2105
+  _globals['_LIVECORPUS']._serialized_end=2249
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=2252
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=2386
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=2388
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=2433
+  _globals['_REFITREQUEST']._serialized_start=2435
+  _globals['_REFITREQUEST']._serialized_end=2463
+  _globals['_REFITRESPONSE']._serialized_start=2465
+  _globals['_REFITRESPONSE']._serialized_end=2496
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=2498
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=2520
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=2522
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=2606
+  _globals['_ROLLBACKREQUEST']._serialized_start=2608
+  _globals['_ROLLBACKREQUEST']._serialized_end=2646
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2648
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2709
+  _globals['_COMPACTREQUEST']._serialized_start=2711
+  _globals['_COMPACTREQUEST']._serialized_end=2727
+  _globals['_COMPACTRESPONSE']._serialized_start=2730
+  _globals['_COMPACTRESPONSE']._serialized_end=2858
+  _globals['_NEWITEM']._serialized_start=2860
+  _globals['_NEWITEM']._serialized_end=2986
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=2988
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=3043
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=3045
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=3156
+  _globals['_DELETEITEMSREQUEST']._serialized_start=3158
+  _globals['_DELETEITEMSREQUEST']._serialized_end=3211
+  _globals['_DELETEITEMSRESPONSE']._serialized_start=3213
+  _globals['_DELETEITEMSRESPONSE']._serialized_end=3276
+  _globals['_SEARCHSERVICE']._serialized_start=3356
+  _globals['_SEARCHSERVICE']._serialized_end=3662
+  _globals['_INDEXSERVICE']._serialized_start=3665
+  _globals['_INDEXSERVICE']._serialized_end=3835
+  _globals['_ADMINSERVICE']._serialized_start=3838
+  _globals['_ADMINSERVICE']._serialized_end=4131
 # @@protoc_insertion_point(module_scope)

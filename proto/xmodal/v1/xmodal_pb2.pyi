@@ -203,7 +203,7 @@ class RefitRun(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[str] = ..., started_at: _Optional[str] = ..., duration_s: _Optional[float] = ..., before_json: _Optional[str] = ..., after_json: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[str] = ..., feedback_events: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir", "feedback", "refits", "live_corpus", "filter_fields")
+    __slots__ = ("serving", "snapshot", "counts", "version", "uptime_s", "max_k", "data_dir", "feedback", "refits", "live_corpus", "filter_fields", "read_only", "primary")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,8 @@ class GetStatusResponse(_message.Message):
     REFITS_FIELD_NUMBER: _ClassVar[int]
     LIVE_CORPUS_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     snapshot: SnapshotInfo
     counts: _containers.RepeatedCompositeFieldContainer[ModalityCount]
@@ -226,7 +228,9 @@ class GetStatusResponse(_message.Message):
     refits: _containers.RepeatedCompositeFieldContainer[RefitRun]
     live_corpus: LiveCorpus
     filter_fields: _containers.RepeatedCompositeFieldContainer[FilterField]
-    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackCounts, _Mapping]] = ..., refits: _Optional[_Iterable[_Union[RefitRun, _Mapping]]] = ..., live_corpus: _Optional[_Union[LiveCorpus, _Mapping]] = ..., filter_fields: _Optional[_Iterable[_Union[FilterField, _Mapping]]] = ...) -> None: ...
+    read_only: bool
+    primary: str
+    def __init__(self, serving: _Optional[bool] = ..., snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., counts: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., max_k: _Optional[int] = ..., data_dir: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackCounts, _Mapping]] = ..., refits: _Optional[_Iterable[_Union[RefitRun, _Mapping]]] = ..., live_corpus: _Optional[_Union[LiveCorpus, _Mapping]] = ..., filter_fields: _Optional[_Iterable[_Union[FilterField, _Mapping]]] = ..., read_only: _Optional[bool] = ..., primary: _Optional[str] = ...) -> None: ...
 
 class FilterField(_message.Message):
     __slots__ = ("name", "kind", "declared")
