@@ -17,17 +17,36 @@ queries::
     100,000    512      17.3             0.38 (48)
     300,000    512     100               2.4  (768; recall 0.974, short of the target)
 
-Flat is the faster of the two at 10k items and HNSW from 30k on; Flat costs 0.3-0.6 ns
-per item and dimension (it reads every vector). Flat is also exact, needs no training or
+Flat is the faster of the two at 10k items and an ANN index from 30k on; Flat costs 0.3-0.6
+ns per item and dimension (it reads every vector). Flat is also exact, needs no training or
 tuning, is the smallest index and the cheapest to rebuild (every compaction and erasure
-rebuilds). So ``auto`` keeps Flat while one query scans at most :data:`FLAT_MAX_WORK` item-dimensions (8M: 2-4 ms
-a query here; 62k items at 128-d, 15.6k at 512-d), which keeps the demo (2,000 items) and
-ROCO (a few thousand) exact and moves the 1M benchmark to an ANN index.
+rebuilds). So ``auto`` keeps Flat while one query scans at most :data:`FLAT_MAX_WORK`
+item-dimensions (8M: 2-4 ms a query here; 62k items at 128-d, 15.6k at 512-d), which keeps
+the demo (2,000 items) and ROCO (a few thousand) exact and moves the 1M benchmark to an ANN
+index.
 
 Beyond it :func:`choose_factory` takes the first candidate that fits the memory budget:
-HNSW32 over full vectors (fastest at this recall), IVF-SQ8 (a quarter of the memory),
-then OPQ + IVF-PQ with a refine step on SQ8 (or SQ4) codes, which is also the first choice
-from :data:`HUGE` items on (tens of millions: HNSW's graph gets slow to build and large).
+IVF over full vectors (IVF-Flat), IVF-SQ8 (a quarter of the memory), then OPQ + IVF-PQ with
+a refine step on SQ8 (or SQ4) codes, which is also the first choice from :data:`HUGE` items
+on (tens of millions). Inverted lists rather than an HNSW graph, measured at 1M 512-d items
+of the same mixture (one thread, bench/scale.py's queries)::
+
+    index                          build    bytes/vector  recall@10 (knob)     ms/query
+    Flat                            -         2048          1.000               165
+    HNSW32, efConstruction 40     ~500 s      2320          0.929 (efS 1024)      4.8
+    IVF4096,Flat                   ~280 s     2056          0.990 (nprobe 2)      0.35
+                                                            1.000 (nprobe 4)      0.44
+    IVF4096,SQ8                    ~230 s      536          0.994 (nprobe 4)      0.41
+
+HNSW reaches the target with a better graph (efConstruction 128: recall 1.000 at efSearch 32
+on 200,000 items) but builds 4.5x slower (253 s vs 56 s at 200,000 items on 2 cores), and a
+graph walked with a filter loses recall (faiss #4727), while inverted lists answer filtered
+searches by probing the nearest lists that hold matching items (server/masked.py): exact
+scores over the lists probed, no recall cliff at any selectivity. IVF's recall is bought with
+nprobe, which :func:`tune` raises until the target is met (at nprobe = nlist IVF-Flat is
+exact, so the target is always reachable). HNSW factories still work with ``--factory`` and
+are built with efConstruction :data:`HNSW_EF_CONSTRUCTION`.
+
 :func:`tune` then picks the cheapest efSearch / nprobe (and refine k_factor) that reaches
 recall@10 >= 0.98 against exact search on held-out queries.
 """
@@ -51,9 +70,9 @@ AUTO = "auto"
 TARGET_RECALL = 0.98
 FLAT_MAX_WORK = 8_000_000  # items x dims one exact query may scan (2-4 ms here)
 HUGE = 10_000_000  # from here on: compressed codes with a refine step, not a graph
-HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 128  # faiss's default (40) leaves a 1M graph short of recall 0.98 at any efSearch
 TUNE_QUERIES = 200
-EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 NPROBE = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
 K_FACTOR = (1, 2, 4, 8, 16)
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -113,6 +132,8 @@ def estimate_bytes(factory: str, n: int, dim: int) -> int:
         return n * dim
     nlist = int(re.search(r"IVF(\d+)", factory).group(1))  # type: ignore[union-attr]
     coarse = nlist * dim * 4
+    if re.fullmatch(r"IVF\d+,Flat", factory):
+        return coarse + n * (dim * 4 + 8 + 8)  # vectors, ids, direct map
     if ",SQ8" in factory and "PQ" not in factory:
         return coarse + n * (dim + 8 + 8)  # codes, ids, direct map
     m = int(re.search(r",PQ(\d+)", factory).group(1))  # type: ignore[union-attr]
@@ -157,16 +178,19 @@ def choose_factory(
         big = f"{n} items > crossover {flat_max} at {dim}-d"
     pq = f"OPQ{m},IVF{nlist},PQ{m}np"  # np: no polysemous training (slow, unused here)
     if n < HUGE:
-        hnsw = f"HNSW{HNSW_M},Flat"
-        if fits(hnsw):
-            return hnsw, f"{big}: a graph over full vectors{budget} ({_mib(estimate_bytes(hnsw, n, dim))})"
+        full = f"IVF{nlist},Flat"
+        if fits(full):
+            return full, (
+                f"{big}: inverted lists over full vectors{budget} ({_mib(estimate_bytes(full, n, dim))}): exact "
+                "scores in the lists probed, and filtered searches probe the nearest lists holding matches"
+            )
         ivf = f"IVF{nlist},SQ8"
         if fits(ivf):
             return ivf, (
-                f"{big}: HNSW ({_mib(estimate_bytes(hnsw, n, dim))}) is over the budget; "
+                f"{big}: IVF-Flat ({_mib(estimate_bytes(full, n, dim))}) is over the budget; "
                 f"inverted lists of 8-bit codes ({_mib(estimate_bytes(ivf, n, dim))})"
             )
-        why = f"{big}: HNSW and IVF-SQ8 are over the budget"
+        why = f"{big}: IVF-Flat and IVF-SQ8 are over the budget"
     else:
         why = f"{n} items >= {HUGE}: compressed codes with a refine step"
     for refine in ("Refine(SQ8)", "Refine(SQ4)"):
@@ -177,6 +201,59 @@ def choose_factory(
                 f"{why}; OPQ-IVF-PQ reranked on {refine[7:-1]} codes ({_mib(estimate_bytes(factory, n, dim))})",
             )
     return pq, f"{why}; only OPQ-IVF-PQ codes fit ({_mib(estimate_bytes(pq, n, dim))}), recall may fall short"
+
+
+# -- building ------------------------------------------------------------------------------
+
+
+def new_index(dim: int, factory: str) -> faiss.Index:
+    """An empty inner-product index of ``factory``; HNSW graphs are built with
+    efConstruction :data:`HNSW_EF_CONSTRUCTION` (faiss's own default is 40)."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    for layer in _layers(index):
+        if isinstance(layer, faiss.IndexHNSW):
+            layer.hnsw.efConstruction = max(layer.hnsw.efConstruction, HNSW_EF_CONSTRUCTION)
+    return index
+
+
+def min_training_items(factory: str) -> int:
+    """The fewest vectors ``factory`` can be trained on: one per IVF list, 2^nbits for PQ
+    codes (256 for the usual 8 bits), 1 otherwise."""
+    need = 1
+    lists = re.search(r"IVF(\d+)", factory)
+    if lists:
+        need = int(lists.group(1))
+    for pq in re.finditer(r"PQ\d+(?:x(\d+))?", factory):  # PQ and OPQ: 2^nbits centroids per sub-space
+        need = max(need, 1 << int(pq.group(1) or 8))
+    return need
+
+
+def train(index: faiss.Index, rows: np.ndarray, factory: str) -> None:
+    """Train ``index`` (of ``factory``) on ``rows``.
+
+    Raises:
+        InvalidArgument: too few rows for the factory's clusterings (faiss's own error
+            reads "nx >= k"), naming the minimum and what to use instead.
+    """
+    need = min_training_items(factory)
+    if len(rows) < need:
+        raise _too_few(factory, len(rows), need)
+    try:
+        index.train(rows)
+    except RuntimeError as exc:  # a clustering this parse did not foresee (IMI, nbits > 8, ...)
+        found = re.search(
+            r"training points \((\d+)\) should be at least as large as number of clusters \((\d+)\)", str(exc)
+        )
+        if found is None:
+            raise
+        raise _too_few(factory, len(rows), int(found.group(2))) from None
+
+
+def _too_few(factory: str, have: int, need: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"--factory {factory!r} needs at least {need} items of a modality to train on, and one has {have}: "
+        "use --factory auto (it keeps Flat for a corpus this small) or --factory Flat"
+    )
 
 
 # -- the layers of an index ---------------------------------------------------------------
@@ -193,6 +270,13 @@ def _layers(index: faiss.Index) -> list[Any]:
             layers.append(faiss.downcast_index(top.index))
         else:
             return layers
+
+
+def unwrapped(index: faiss.Index) -> Any:
+    """The index, downcast to its class, when nothing wraps it (no refine step, pre-transform
+    or id map: its rows are the ids a selector sees); else None."""
+    layers = _layers(index)
+    return layers[0] if len(layers) == 1 else None
 
 
 def family(index: faiss.Index) -> str:
@@ -273,6 +357,7 @@ def search_parameters(
         refs.append(params)
         params = outer
     params.xmodal_refs = refs  # faiss holds raw pointers: keep the nested objects alive
+    params.xmodal_inner = refs[1] if len(refs) > 1 else params  # the family's own (efSearch, nprobe)
     return params
 
 
@@ -292,10 +377,9 @@ def held_out_queries(vectors: np.ndarray, count: int = TUNE_QUERIES, noise: floa
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Rows of the exact top-k by inner product."""
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(vectors)
-    return flat.search(queries, k)[1]
+    """Rows of the exact top-k by inner product (no copy of ``vectors``: 2 GB less at 1M 512-d)."""
+    xb = np.ascontiguousarray(vectors, dtype=np.float32)
+    return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), xb, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
@@ -408,9 +492,13 @@ __all__ = [
     "family",
     "flat_max_items",
     "held_out_queries",
+    "min_training_items",
     "needs_typed_params",
+    "new_index",
     "parse_bytes",
     "prepare",
     "search_parameters",
+    "train",
     "tune",
+    "unwrapped",
 ]

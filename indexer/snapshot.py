@@ -259,9 +259,9 @@ def build_index(
         resolved, reason = ann.choose_factory(n, dim, memory_budget, flat_max=flat_max)
     else:
         resolved, reason = factory, "asked for with --factory"
-    index = faiss.index_factory(dim, resolved, faiss.METRIC_INNER_PRODUCT)
+    index = ann.new_index(dim, resolved)
     if not index.is_trained:
-        index.train(_training_rows(vectors, resolved))
+        ann.train(index, _training_rows(vectors, resolved), resolved)
     index.add(vectors)
     ann.prepare(index)
     params = ann.tune(index, vectors, queries) if n else {}

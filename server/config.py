@@ -29,6 +29,7 @@ class ServeConfig:
     max_message_bytes: int = 32 * MIB  # largest gRPC request, larger gets RESOURCE_EXHAUSTED
     metrics_host: str = "127.0.0.1"  # address of the Prometheus endpoint
     metrics_port: int | None = None  # port of the Prometheus endpoint (None: off)
+    search_threads: int = 1  # OpenMP threads FAISS may use for one search (0: one per core, FAISS's default)
 
     def __post_init__(self):
         self._check_hosts()
@@ -63,6 +64,10 @@ class ServeConfig:
                 continue
             if not _is_int(value) or value < 1:
                 raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
+        if not _is_int(self.search_threads) or self.search_threads < 0:
+            raise InvalidArgument(
+                f"search_threads must be 0 (one per core) or a positive integer, got {self.search_threads!r}"
+            )
 
     def _check_seconds(self) -> None:
         if not _is_number(self.watch_interval) or not self.watch_interval > 0:

@@ -8,17 +8,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
+import torch
 
 from xmodal.indexer.catalog import Catalog
 from xmodal.indexer.clinical import load_settings
 from xmodal.indexer.corpus import IMAGE, MODALITIES, TEXT
-from xmodal.indexer.encoder import Encoder
+from xmodal.indexer.encoder import QueryEncoder
 from xmodal.indexer.errors import DeadlineExceeded, InvalidArgument, NotFound
 from xmodal.indexer.images import decode_image
 from xmodal.indexer.snapshot import ModalityIndex
 
+from . import metrics
+from .batcher import MicroBatcher, QueryEncoding
+from .embedding_cache import EmbeddingCache, image_key, text_key
 from .filters import (
     Columns,
     Condition,
@@ -27,10 +30,10 @@ from .filters import (
     columns_of,
     declared_fields,
     filter_fields,
-    metadata_by_id,
 )
 from .limits import Limits
-from .live import DeltaIndex, LiveState, LiveView, search_parameters
+from .live import DeltaIndex, LiveState, LiveView
+from .masked import EXACT_FILTER_ROWS, SEARCH_THREADS, masked_search, search_threads
 
 
 @dataclass
@@ -62,48 +65,52 @@ class ItemRecord:
     image: bytes = b""
 
 
-EXACT_FILTER_ROWS = 20_000  # fewer matching snapshot items than this: exact search over them
-MAX_EF_SEARCH = 4096
-
-
-def _reconstruct(index: faiss.Index, rows: np.ndarray) -> np.ndarray:
-    """Stored vectors of ``rows`` (an IVF index gets a direct map on first use)."""
-    try:
-        return index.reconstruct_batch(rows)
-    except RuntimeError:
-        faiss.extract_index_ivf(index).make_direct_map()
-        return index.reconstruct_batch(rows)
-
-
 def shown_source(source: str) -> str:
     """An item's source as clients see it: relative to its corpus root. Catalogs written before
     sources were relative hold absolute server paths: only the file name of those is shown."""
     return Path(source).name if source.startswith("/") or (len(source) > 2 and source[1:3] in (":\\", ":/")) else source
 
 
-def _exact(
-    vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int, ids: Sequence[str] | np.ndarray
-) -> list[tuple[str, float]]:
-    """(id, score) of the k best of ``vectors[rows]`` for ``query`` by inner product."""
-    if not len(rows):
-        return []
-    # all rows: no gather (a copy of every vector) before the product
-    picked = vectors if len(rows) == len(vectors) else np.asarray(vectors)[rows]
-    scores = picked @ query.reshape(-1)
-    top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
-    top = top[np.argsort(-scores[top])]
-    return [(str(ids[rows[i]]), float(scores[i])) for i in top]
+def _scored(ids: Sequence[str] | np.ndarray, scores: np.ndarray, rows: np.ndarray) -> list[tuple[str, float]]:
+    """(id, score) of found ``rows`` (-1: none)."""
+    return [(str(ids[r]), float(s)) for r, s in zip(rows.tolist(), scores.tolist(), strict=True) if r >= 0]
 
 
 class QueryPath:
     """Answers searches and item lookups from the live view (reads only)."""
 
-    def __init__(self, view: LiveView, encoder: Encoder, catalog: Catalog, limits: Limits):
+    def __init__(
+        self,
+        view: LiveView,
+        encoder: QueryEncoder,
+        catalog: Catalog,
+        limits: Limits,
+        *,
+        encoding: QueryEncoding | None = None,
+    ):
+        """``encoder`` encodes the queries (the server's torch encoder, or a faster runtime
+        checked against it); ``encoding`` sets the micro-batching and the embedding cache."""
         self.view = view
         self.encoder = encoder
         self.catalog = catalog
         self.limits = limits
         self.exact_filter_rows = EXACT_FILTER_ROWS
+        self.search_threads: int | None = SEARCH_THREADS  # FAISS threads per search (the engine sets it)
+        self.encoding = encoding or QueryEncoding()
+        self.cache = EmbeddingCache(self.encoding.cache_size)
+        self._batchers = {
+            TEXT: self._batcher(TEXT, lambda rows: self.encoder.encode_tokens(torch.stack(list(rows)))),
+            IMAGE: self._batcher(IMAGE, lambda pixels: self.encoder.encode_image_tensors(torch.stack(list(pixels)))),
+        }
+
+    def _batcher(self, modality: str, encode) -> MicroBatcher:
+        return MicroBatcher(
+            encode,
+            max_batch=self.encoding.max_batch,
+            max_wait_ms=self.encoding.max_wait_ms,
+            name=modality,
+            on_batch=metrics.QUERY_BATCH.labels(modality).observe,
+        )
 
     def query_vector(
         self, state: LiveState, *, text: str | None = None, image: bytes | None = None, item_id: str | None = None
@@ -133,19 +140,35 @@ class QueryPath:
         return modality, vector, timing
 
     def encode_query(self, *, text: str | None = None, image: bytes | None = None) -> tuple[str, np.ndarray]:
-        """Validate a text or image query and return its modality and base embedding (1, dim)."""
+        """Validate a text or image query and return its modality and base embedding (1, dim):
+        from the cache, else encoded in a micro-batch with the queries that arrive with it."""
         if text is not None:
             if not text.strip():
                 raise InvalidArgument("query text is empty: send the words to search for")
             self.limits.at_most("max_text_chars", len(text), "characters", "shorten the query text")
-            return TEXT, self.encoder.encode_texts([text])
+            tokens = self.encoder.tokenize([text])[0]
+            key = text_key(tokens.numpy())
+            return TEXT, self._embedding(TEXT, key, lambda: tokens)
         if image is None:
             raise InvalidArgument("a query needs text, image or item_id")
         self.limits.at_most("max_image_bytes", len(image), "bytes", "send a smaller query image")
         # a DICOM query is windowed as the corpus was (the catalog's DICOM settings)
         window = load_settings(self.catalog).window if image[128:132] == b"DICM" else None
-        picture = decode_image(image, max_pixels=self.limits.max_pixels, window=window)
-        return IMAGE, self.encoder.encode_images([picture])
+
+        def pixels():
+            return self.encoder.image_tensor(decode_image(image, max_pixels=self.limits.max_pixels, window=window))
+
+        return IMAGE, self._embedding(IMAGE, image_key(image, window), pixels)
+
+    def _embedding(self, modality: str, key: bytes, model_input) -> np.ndarray:
+        """The cached base embedding of ``key``, else ``model_input()`` encoded (and cached)."""
+        identity = self.encoder.identity
+        vector = self.cache.get(identity, modality, key)
+        metrics.cache_lookup(modality, vector is not None, self.cache.hit_rate)
+        if vector is None:
+            vector = self._batchers[modality].encode_one(model_input())
+            self.cache.put(identity, modality, key, vector)
+        return np.array(vector, dtype=np.float32).reshape(1, -1)
 
     def check_deadline(self, deadline: float | None, stage: str) -> None:
         """Raise DeadlineExceeded if ``deadline`` (time.monotonic) has passed."""
@@ -200,30 +223,32 @@ class QueryPath:
         self, state: LiveState, target: str, vector: np.ndarray, k: int, conditions: Sequence[Condition] = ()
     ) -> list[tuple[str, float]]:
         """The snapshot's index (without hidden rows) and the delta, merged by score; with
-        ``conditions``, only the items that match them."""
+        ``conditions``, only the items that match them. FAISS runs on ``search_threads``
+        OpenMP threads here (default 1: one query does not gain from more on a busy server)."""
         index, delta = state.snapshot.indexes[target], state.deltas[target]
-        if conditions:
-            scored = self._filtered_snapshot(state, target, vector, k, conditions)
-        else:
-            excluding = state.selectors[target]
-            scores, rows = index.search(vector, k, params=excluding.params if excluding else None)
-            scored = [(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
-        if len(delta):
+        with search_threads(getattr(self, "search_threads", SEARCH_THREADS)):
             if conditions:
-                mask = self.delta_columns(delta).mask(conditions)
-                scored += _exact(delta.vectors, np.flatnonzero(mask), vector, k, delta.ids)
+                scored = self._filtered_snapshot(state, target, vector, k, conditions)
             else:
-                d_scores, d_rows = delta.search(vector, k)
-                scored += [(delta.ids[r], float(s)) for r, s in zip(d_rows[0], d_scores[0], strict=True) if r >= 0]
+                excluding = state.selectors[target]
+                scores, rows = index.search(vector, k, params=excluding.params if excluding else None)
+                scored = _scored(index.ids, scores[0], rows[0])
+            if len(delta):
+                if conditions:
+                    mask = self.delta_columns(delta).mask(conditions)
+                    scored += _scored(delta.ids, *masked_search(delta.index, vector, k, mask))
+                else:
+                    d_scores, d_rows = delta.search(vector, k)
+                    scored += _scored(delta.ids, d_scores[0], d_rows[0])
         scored.sort(key=lambda hit: -hit[1])
         return scored[:k]
 
     # -- filters -----------------------------------------------------------------------------
     def snapshot_columns(self, index: ModalityIndex) -> Columns:
-        return columns_of(index, lambda: metadata_by_id(self.catalog, index.ids.tolist()))
+        return columns_of(index, lambda: Columns.from_catalog(self.catalog, index.ids))
 
     def delta_columns(self, delta: DeltaIndex) -> Columns:
-        return columns_of(delta, lambda: metadata_by_id(self.catalog, delta.ids))
+        return columns_of(delta, lambda: Columns.from_catalog(self.catalog, delta.ids))
 
     def filter_fields(self, state: LiveState) -> dict[str, FilterField]:
         """The fields a search on ``state`` may filter on (declared, else inferred)."""
@@ -234,25 +259,13 @@ class QueryPath:
     def _filtered_snapshot(
         self, state: LiveState, target: str, vector: np.ndarray, k: int, conditions: Sequence[Condition]
     ) -> list[tuple[str, float]]:
-        """The k best snapshot items that match: an exact search over them when they are
-        few (or the index is exact anyway and they are not many), else the index's own
-        search restricted to them by an IDSelector (HNSW searching wider the fewer match)."""
+        """The k best snapshot items that match, by the index family's own way of searching
+        a subset (see .masked: exact when few match or the index is flat; IVF probes the
+        nearest lists holding matches; HNSW post-filters when many match)."""
         index = state.snapshot.indexes[target]
         mask = self.snapshot_columns(index).mask(conditions)
         mask[state.hidden_rows[target]] = False
-        rows = np.flatnonzero(mask)
-        if not len(rows):
-            return []
-        if len(rows) <= self.exact_filter_rows:
-            return _exact(_reconstruct(index.index, rows), np.arange(len(rows)), vector, k, index.ids[rows])
-        bits = np.packbits(mask, bitorder="little")
-        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
-        params = search_parameters(index, selector)
-        if hasattr(params, "efSearch"):  # HNSW: a filtered walk needs a wider beam
-            params.efSearch = int(min(MAX_EF_SEARCH, max(params.efSearch, k) * len(mask) / len(rows)))
-        scores, found = index.search(vector, k, params=params)
-        del bits, selector  # faiss held raw pointers to them until here
-        return [(index.ids[r], float(s)) for r, s in zip(found[0], scores[0], strict=True) if r >= 0]
+        return _scored(index.ids, *masked_search(index, vector, k, mask, exact_rows=self.exact_filter_rows))
 
     def _hits(self, scored: list[tuple[str, float]], target: str) -> list[Hit]:
         """Ranked hits with their catalog rows (text, source, metadata)."""

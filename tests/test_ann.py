@@ -47,24 +47,25 @@ def test_the_rule_keeps_flat_for_small_corpora_and_says_why():
     assert factory == "Flat" and "exact search is fast enough" in why
     assert ann.flat_max_items(128) == ann.FLAT_MAX_WORK // 128
     factory, why = ann.choose_factory(1_000_000, 512)  # the 1M benchmark
-    assert factory == "HNSW32,Flat" and "1000000 items > crossover" in why
+    assert factory == "IVF4096,Flat" and "1000000 items > crossover" in why and "filtered" in why
 
 
 def test_the_rule_follows_the_memory_budget():
     n, dim = 1_000_000, 512
-    hnsw = ann.estimate_bytes("HNSW32,Flat", n, dim)
-    factory, why = ann.choose_factory(n, dim, hnsw - 1)
+    full = ann.estimate_bytes("IVF4096,Flat", n, dim)
+    assert ann.estimate_bytes("Flat", n, dim) < full < ann.estimate_bytes("HNSW32,Flat", n, dim)
+    factory, why = ann.choose_factory(n, dim, full - 1)
     assert factory.startswith("IVF") and factory.endswith(",SQ8") and "over the budget" in why
-    assert ann.estimate_bytes(factory, n, dim) < hnsw // 3
+    assert ann.estimate_bytes(factory, n, dim) < full // 3
     factory, why = ann.choose_factory(n, dim, 400 << 20)
-    assert factory.startswith("OPQ") and "Refine(SQ" in factory and "HNSW and IVF-SQ8 are over the budget" in why
+    assert factory.startswith("OPQ") and "Refine(SQ" in factory and "IVF-Flat and IVF-SQ8 are over the budget" in why
     factory, why = ann.choose_factory(30_000_000, dim)  # tens of millions
     assert factory.startswith("OPQ64,IVF") and factory.endswith(",PQ64np,Refine(SQ8)") and "refine" in why
     factory, _ = ann.choose_factory(30_000_000, dim, 1 << 30)
     assert "Refine" not in factory and factory.startswith("OPQ")
     factory, why = ann.choose_factory(3000, 512, 1 << 20)  # below the crossover, Flat too big
     assert factory != "Flat" and "budget" in why
-    assert ann.choose_factory(100, 32, flat_max=10)[0] == "HNSW32,Flat"
+    assert ann.choose_factory(100, 32, flat_max=10)[0] == "IVF16,Flat"
 
 
 @pytest.mark.parametrize(
@@ -92,12 +93,39 @@ def test_auto_picks_flat_below_the_crossover_and_an_ann_index_above_it():
     assert isinstance(faiss.downcast_index(index), faiss.IndexFlat)
     vectors = clustered(3000)
     index, choice = build_index(vectors, "auto", flat_max=1000)
-    assert choice["requested"] == "auto" and choice["factory"] == "HNSW32,Flat"
+    assert choice["requested"] == "auto" and choice["factory"] == "IVF64,Flat"
     assert "3000 items > crossover 1000" in choice["reason"]
     params = choice["params"]
-    assert params["efSearch"] in ann.EF_SEARCH and params["recall_at_10"] >= ann.TARGET_RECALL
-    assert faiss.downcast_index(index).hnsw.efSearch == params["efSearch"]  # the default now
-    assert "efSearch=" in ann.describe(choice) and "reaching recall@10" in ann.describe(choice)
+    assert params["nprobe"] in ann.NPROBE and params["recall_at_10"] >= ann.TARGET_RECALL
+    assert faiss.extract_index_ivf(index).nprobe == params["nprobe"]  # the default now
+    assert "nprobe=" in ann.describe(choice) and "reaching recall@10" in ann.describe(choice)
+
+
+def test_hnsw_graphs_are_built_with_a_wider_construction_beam():
+    index = ann.new_index(16, "HNSW16,Flat")
+    assert faiss.downcast_index(index).hnsw.efConstruction == ann.HNSW_EF_CONSTRUCTION > 40
+    vectors = clustered(3000)
+    index, choice = build_index(vectors, "HNSW16,Flat")
+    assert faiss.downcast_index(index).hnsw.efConstruction == ann.HNSW_EF_CONSTRUCTION
+    assert choice["params"]["recall_at_10"] >= ann.TARGET_RECALL
+
+
+@pytest.mark.parametrize(
+    "factory,need", [("IVF256,Flat", 256), ("IVF64,SQ8", 64), ("IVF16,PQ8", 256), ("OPQ8,IVF16,PQ8np", 256)]
+)
+def test_an_ivf_factory_on_too_few_items_names_the_minimum(factory, need):
+    from xmodal.indexer.errors import InvalidArgument
+
+    assert ann.min_training_items(factory) == need
+    vectors = clustered(need - 1)
+    with pytest.raises(InvalidArgument) as raised:
+        build_index(vectors, factory)
+    message = str(raised.value)
+    assert f"needs at least {need} items" in message and f"one has {need - 1}" in message
+    assert "--factory auto" in message and "nx >=" not in message
+    index = ann.new_index(32, "IVF16,Flat")  # past the check (a factory it cannot read): faiss's error, mapped
+    with pytest.raises(InvalidArgument, match="needs at least 16 items of a modality to train on, and one has 10"):
+        ann.train(index, vectors[:10], "unreadable")
 
 
 @pytest.mark.parametrize(
@@ -207,29 +235,29 @@ def ann_data(tmp_path_factory, world_corpus, encoder):
 def test_a_snapshot_written_with_auto_records_the_choice_loads_and_serves(ann_data, encoder, tmp_path):
     source, report = ann_data
     manifest = report.snapshot
-    assert manifest.factory_requested == "auto" and manifest.faiss_factory == "HNSW32,Flat"
+    assert manifest.factory_requested == "auto" and manifest.faiss_factory == "IVF16,Flat"
     for modality in (IMAGE, TEXT):
         choice = manifest.index[modality]
-        assert choice["factory"] == "HNSW32,Flat" and "400 items > crossover 100" in choice["reason"]
-        assert choice["params"]["recall_at_10"] >= ann.TARGET_RECALL and "efSearch" in choice["params"]
+        assert choice["factory"] == "IVF16,Flat" and "400 items > crossover 100" in choice["reason"]
+        assert choice["params"]["recall_at_10"] >= ann.TARGET_RECALL and "nprobe" in choice["params"]
     assert manifest.metrics["index"] == manifest.index  # GetStatus shows it (metrics_json)
-    assert "image index: HNSW32,Flat (400 items > crossover 100" in report.summary()
+    assert "image index: IVF16,Flat (400 items > crossover 100" in report.summary()
     on_disk = json.loads((DataDir(source).snapshots / manifest.id / MANIFEST_NAME).read_text())
-    assert on_disk["index"]["text"]["params"]["efSearch"] == manifest.index["text"]["params"]["efSearch"]
+    assert on_disk["index"]["text"]["params"]["nprobe"] == manifest.index["text"]["params"]["nprobe"]
 
     data = tmp_path / "data"
     shutil.copytree(source, data)
     snapshot = Snapshot(DataDir(data).snapshots / manifest.id, mmap=True)
-    hnsw = faiss.downcast_index(snapshot.indexes[IMAGE].index)
-    assert hnsw.hnsw.efSearch == manifest.index[IMAGE]["params"]["efSearch"]
+    ivf = faiss.extract_index_ivf(snapshot.indexes[IMAGE].index)
+    assert ivf.nprobe == manifest.index[IMAGE]["params"]["nprobe"]
     server = RunningServer(data, encoder)
     try:
         status = server.client.status()
-        assert status.metrics["index"][IMAGE]["factory"] == "HNSW32,Flat"
+        assert status.metrics["index"][IMAGE]["factory"] == "IVF16,Flat"
         hits = server.client.search(text="a red circle", k=10).hits
         assert len(hits) == 10
         gone = hits[0].item_id
-        server.engine.corpus.delete([gone])  # hidden rows: an IDSelector in HNSW parameters
+        server.engine.corpus.delete([gone])  # hidden rows: an IDSelector in IVF parameters
         hits = server.client.search(text="a red circle", k=10).hits
         assert len(hits) == 10 and gone not in {h.item_id for h in hits}
         compacted = server.engine.compactor.compact()  # rewrites ask for auto again
@@ -289,3 +317,12 @@ def test_xmodal_index_says_which_index_and_why(world_corpus, tmp_path):
     assert manifest.factory_requested == "auto" and manifest.memory_budget == 64 << 20
     done = subprocess.run(xmodal_cmd(*args, "--memory-budget", "lots"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is not a size" in done.stderr
+    done = subprocess.run(
+        xmodal_cmd(*args, "--factory", "IVF1024,Flat"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode != 0 and "needs at least 1024 items of a modality to train on" in done.stderr
+    assert "--factory auto" in done.stderr and "nx >=" not in done.stderr

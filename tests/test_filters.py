@@ -339,3 +339,146 @@ def test_declared_filter_fields_are_the_only_filterable_ones(tmp_path, world_cor
         timeout=120,
     )
     assert empty.returncode == 2 and "--filter-fields is empty" in empty.stderr
+
+
+# -- the parts, without a server: columns from the catalog, searches over a row mask ------------
+
+EDGE_VALUES = [
+    1,
+    2.5,
+    "3",
+    True,
+    False,
+    "x",
+    1.0,
+    "1",
+    None,
+    [1],
+    {"b": 1},
+    2020,
+    "2020-01-02",
+    1e20,
+    -0.0,
+    " 12 ",
+    "é",
+]
+
+
+def _catalog(path, metadata: list[str]) -> Catalog:
+    """A catalog holding image items ``it-<i>`` with these metadata texts, in index order."""
+    catalog = Catalog(path / "catalog.sqlite")
+    with catalog.tx() as db:
+        db.executemany(
+            "INSERT INTO items (id, modality, metadata, content_hash, added_at, shard, row) "
+            "VALUES (?, 'image', ?, 'h', 0, 0, ?)",
+            [(f"it-{i:04d}", text, i) for i, text in enumerate(metadata)],
+        )
+    return catalog
+
+
+@pytest.mark.parametrize("lookup", [0, 1_000_000])  # all items read in index order / each id looked up
+def test_columns_read_from_the_catalog_equal_columns_of_parsed_metadata(tmp_path, monkeypatch, lookup):
+    from xmodal.server import filters
+
+    monkeypatch.setattr(filters, "_LOOKUP_IDS", lookup)
+    rng = random.Random(3)
+    items = []
+    for i in range(800):
+        item = {"year": 2000 + i % 40} if i % 7 else {}  # an integer field, missing in some items
+        if rng.random() < 0.8:
+            item["any"] = rng.choice(EDGE_VALUES)
+        if rng.random() < 0.3:
+            item["site"] = rng.choice(SITES)
+        items.append(item)
+    texts = [json.dumps(item) for item in items]
+    texts[5] = "{not json"  # an unreadable item has no values
+    items[5] = {}
+    catalog = _catalog(tmp_path, texts)
+    ids = [f"it-{i:04d}" for i in range(len(items))]
+    for asked, expected in ((ids, items), ([*ids[::-1], "unknown"], [*items[::-1], {}])):
+        got, want = filters.Columns.from_catalog(catalog, np.asarray(asked)), filters.Columns(expected)
+        assert got.kinds == want.kinds == {"any": "text", "site": "text", "year": "number"}
+        for name in want.codes:
+            assert got.vocab[name] == want.vocab[name]
+            assert np.array_equal(got.codes[name], want.codes[name])
+            assert np.array_equal(got.numbers[name], want.numbers[name], equal_nan=True)
+        for condition in (
+            filters.Condition("year", min=2010, max=2019),
+            filters.Condition("any", any_of=("1", "true", "x")),
+            filters.Condition("site", min_text="east", max_text="south"),
+        ):
+            assert np.array_equal(got.mask([condition]), want.mask([condition]))
+    assert filters.Columns(expected).mask([filters.Condition("year", min=2039)]).sum() == sum(
+        1 for item in expected if item.get("year", 0) >= 2039
+    )
+
+
+def _mixture(n: int, dim: int = 32, centres: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centres, dim)).astype(np.float32)
+    labels = rng.integers(0, centres, n)
+    x = means[labels] / np.linalg.norm(means[labels], axis=1, keepdims=True)
+    x = (x + rng.standard_normal((n, dim)).astype(np.float32) * (0.5 / dim**0.5)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+
+
+# RR32,IVF32,Flat: an index wrapped in a pre-transform (a rotation: the generic path)
+@pytest.mark.parametrize("factory", ["Flat", "IVF64,Flat", "IVF64,SQ8", "HNSW16,Flat", "RR32,IVF32,Flat"])
+def test_a_masked_search_finds_the_best_kept_rows_at_every_selectivity(factory):
+    from xmodal.indexer import ann
+    from xmodal.indexer.snapshot import ModalityIndex, build_index
+    from xmodal.server.masked import masked_search
+
+    vectors, labels = _mixture(20_000)
+    index, choice = build_index(vectors, factory)
+    loaded = ModalityIndex(index, np.arange(len(vectors)).astype(str), choice["params"])
+    queries = ann.held_out_queries(vectors, 40, seed=5)
+    order = np.random.default_rng(1).permutation(len(vectors))
+    masks = {f"{f:g}": order < f * len(vectors) for f in (0.5, 0.1, 0.01, 0.001)}
+    masks["clusters"] = labels % 10 == 3  # whole clusters, mostly far from a query
+    exact = factory in ("Flat", "IVF64,Flat")
+    for name, mask in masks.items():
+        kept = np.flatnonzero(mask)
+        found_total = 0
+        for query in queries:
+            scores = vectors[kept] @ query
+            truth = set(kept[np.argsort(-scores)[:10]].tolist())
+            got_scores, got = masked_search(loaded, query.reshape(1, -1), 10, mask, exact_rows=100)
+            assert len(got) == 10 and mask[got].all(), (name, got)  # only kept rows, k of them
+            assert (np.diff(got_scores) <= 1e-6).all()  # best first
+            if exact:
+                assert np.allclose(got_scores, vectors[got] @ query, atol=1e-5)
+            found_total += len(truth & set(got.tolist()))
+        recall = found_total / (10 * len(queries))
+        if factory.startswith("RR") and name == "clusters":  # the generic path: its knob widened, no list choice
+            continue
+        assert recall >= (0.999 if exact else 0.95), (factory, name, recall)
+    empty = np.zeros(len(vectors), bool)
+    assert len(masked_search(loaded, queries[:1], 10, empty)[1]) == 0
+    few = np.zeros(len(vectors), bool)
+    few[[3, 30, 300]] = True
+    assert sorted(masked_search(loaded, queries[:1], 10, few)[1].tolist()) == [3, 30, 300]  # k > kept rows
+
+
+def test_one_search_runs_on_the_threads_it_is_given_and_leaves_other_threads_alone():
+    import threading
+
+    import faiss
+
+    from xmodal.indexer.errors import InvalidArgument
+    from xmodal.server.config import ServeConfig
+    from xmodal.server.masked import search_threads
+
+    before = faiss.omp_get_max_threads()
+    seen = {}
+    with search_threads(before + 1):
+        assert faiss.omp_get_max_threads() == before + 1
+        other = threading.Thread(target=lambda: seen.setdefault("other", faiss.omp_get_max_threads()))
+        other.start()
+        other.join()
+    assert faiss.omp_get_max_threads() == before and seen["other"] == before  # OpenMP's setting is per thread
+    with search_threads(0):  # 0: FAISS's own default
+        assert faiss.omp_get_max_threads() == before
+    assert ServeConfig().search_threads == 1 and ServeConfig(search_threads=0).search_threads == 0
+    with pytest.raises(InvalidArgument, match="search_threads"):
+        ServeConfig(search_threads=-1)
