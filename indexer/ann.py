@@ -26,26 +26,27 @@ the demo (2,000 items) and ROCO (a few thousand) exact and moves the 1M benchmar
 index.
 
 Beyond it :func:`choose_factory` takes the first candidate that fits the memory budget:
-IVF over full vectors (IVF-Flat), IVF-SQ8 (a quarter of the memory), then OPQ + IVF-PQ with
-a refine step on SQ8 (or SQ4) codes, which is also the first choice from :data:`HUGE` items
-on (tens of millions). Inverted lists rather than an HNSW graph, measured at 1M 512-d items
-of the same mixture (one thread, bench/scale.py's queries)::
+inverted lists over full vectors (IVF-Flat), IVF-SQ8 (a quarter of the memory), then OPQ +
+IVF-PQ with a refine step on SQ8 (or SQ4) codes, which is also the first choice from
+:data:`HUGE` items on (tens of millions). Inverted lists rather than an HNSW graph, measured
+at 1M 512-d items of the same mixture by bench/scale.py (one FAISS thread per query; recall
+on the benchmark's own queries, the knob tuned on the build's held-out ones)::
 
-    index                          build    bytes/vector  recall@10 (knob)     ms/query
-    Flat                            -         2048          1.000               165
-    HNSW32, efConstruction 40     ~500 s      2320          0.929 (efS 1024)      4.8
-    IVF4096,Flat                   ~280 s     2056          0.990 (nprobe 2)      0.35
-                                                            1.000 (nprobe 4)      0.44
-    IVF4096,SQ8                    ~230 s      536          0.994 (nprobe 4)      0.41
+    index                            build    bytes/vector  knob (tuned)   recall@10   p50 ms
+    Flat                               29 s       2048          -            1.000       201
+    HNSW32, efConstruction 40         499 s       2320       efSearch 1024   0.929       4.75  (target missed)
+    HNSW32, efConstruction 128       2288 s       2320       efSearch 32     0.970       0.35
+    IVF4096,Flat                      253 s       2072       nprobe 2        0.997       0.57
+    IVF4096,SQ8                       265 s        536       nprobe 2        0.992       0.43
 
-HNSW reaches the target with a better graph (efConstruction 128: recall 1.000 at efSearch 32
-on 200,000 items) but builds 4.5x slower (253 s vs 56 s at 200,000 items on 2 cores), and a
-graph walked with a filter loses recall (faiss #4727), while inverted lists answer filtered
-searches by probing the nearest lists that hold matching items (server/masked.py): exact
-scores over the lists probed, no recall cliff at any selectivity. IVF's recall is bought with
+A good graph needs efConstruction 128 (:data:`HNSW_EF_CONSTRUCTION`, used for every HNSW
+factory): 4.6x the build time of faiss's default 40, 38 minutes at 1M on 2 cores, and it
+still generalised less well from its tuning queries (0.9835) than IVF (0.9935 tuned, 0.997
+on fresh queries). IVF builds in minutes (k-means on a sample), its recall is bought with
 nprobe, which :func:`tune` raises until the target is met (at nprobe = nlist IVF-Flat is
-exact, so the target is always reachable). HNSW factories still work with ``--factory`` and
-are built with efConstruction :data:`HNSW_EF_CONSTRUCTION`.
+exact, so the target is always reachable), and a filtered search probes the nearest lists
+that hold matching items (server/masked.py) instead of walking a graph with a filter, whose
+recall falls when few items match (faiss #4727).
 
 :func:`tune` then picks the cheapest efSearch / nprobe (and refine k_factor) that reaches
 recall@10 >= 0.98 against exact search on held-out queries.
