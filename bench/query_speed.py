@@ -11,7 +11,8 @@
 3. End to end on a real gRPC server over ROCO indexed with the benchmark model: Search p50/p99
    and queries/s with 1 and 16 clients, today's path (full-length torch, one encode at a
    time, no cache) against the fast one (--query-runtime, micro-batching), then the cache off
-   and on with queries drawn from a Zipf law over 1,000 distinct queries.
+   and on with queries drawn from a Zipf law over 1,000 distinct queries. The clients run in
+   a process of their own (threads, one channel each), the server in the bench's.
 
     nice -n 10 python bench/query_speed.py --model ViT-B-32 --pretrained none \
         --roco ../shared/data/roco-ccby [--runtime onnx-int8] [--out bench/out/query_speed.json]
@@ -140,7 +141,25 @@ class LiveServer:
 
 
 def drive(address: str, queries: list[str], clients: int) -> dict[str, float]:
-    """Send ``queries`` from ``clients`` threads (each its own channel); latency and queries/s."""
+    """Send ``queries`` from ``clients`` threads (each its own channel) of a separate client
+    process, as frontends are: the clients' own Python work does not hold the server's GIL.
+    Latency and queries/s."""
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")  # no fork of a process that holds gRPC and torch threads
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_client_process, args=(address, queries, clients, send))
+    process.start()
+    send.close()
+    try:
+        figures = receive.recv()
+    except EOFError:
+        raise SystemExit(f"the client process failed (exit status {process.exitcode})") from None
+    process.join()
+    return figures
+
+
+def _client_process(address: str, queries: list[str], clients: int, send) -> None:
     latencies: list[float] = []
     lock = threading.Lock()
     shares = [queries[i::clients] for i in range(clients)]
@@ -163,7 +182,8 @@ def drive(address: str, queries: list[str], clients: int) -> dict[str, float]:
     elapsed = time.perf_counter() - started
     for stub in stubs:
         stub.close()
-    return {"p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "qps": len(latencies) / elapsed}
+    send.send({"p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "qps": len(latencies) / elapsed})
+    send.close()
 
 
 def zipf_queries(distinct: list[str], n: int, s: float, seed: int) -> list[str]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .encoder import Encoder, default_threads, text_features, text_length
+from .encoder import Encoder, default_threads, encode_in_length_groups, text_features, text_length
 from .errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,14 @@ class OnnxEncoder:
         return self.encode_tokens(self.tokenize(texts))
 
     def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
-        rows = tokens[:, : max(2, text_length(self.base.model, tokens))].numpy().astype(np.int64)
+        """Texts in groups of similar length (as the torch encoder on a CPU), each group cut
+        after its last end-of-text token."""
         with self._lock:
-            (features,) = self._text.run(None, {"tokens": rows})
+            return encode_in_length_groups(self.base.model, tokens, self._encode_tokens)
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        rows = tokens[:, : max(2, text_length(self.base.model, tokens))].numpy().astype(np.int64)
+        (features,) = self._text.run(None, {"tokens": rows})
         return _normalise(features)
 
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:

@@ -43,6 +43,27 @@ def test_truncated_text_path_equals_full_length(encoder):
     np.testing.assert_allclose(cut, full, atol=1e-5)
 
 
+def test_length_groups_bound_padding_and_keep_every_row_once(encoder):
+    from xmodal.indexer.encoder import GROUP_SLACK, length_groups, row_lengths
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 78, size=200)
+    groups = length_groups(lengths)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(200))  # each row exactly once
+    assert 1 < len(groups) < 200  # neither one padded batch nor one pass per row
+    for group in groups:
+        g = lengths[group]
+        assert len(group) * g.max() <= GROUP_SLACK * g.sum() + 1e-9
+    assert [len(g) for g in length_groups([7] * 16)] == [16]  # equal lengths: one pass
+
+    texts = [*TEXTS, "lung", "a round opacity", LONG[:200], "x-ray of the left hand, no fracture"]
+    tokens = encoder.tokenize(texts)
+    assert len(length_groups(row_lengths(encoder.model, tokens).numpy())) > 1  # this batch is split
+    batched = encoder.encode_tokens(tokens)  # in groups, rows put back in order
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(batched[i], encoder.encode_texts([text])[0], atol=1e-5)
+
+
 class Gate:
     """An encode function that blocks its first call until released, so that the submissions
     made meanwhile queue up and form the next batch."""
