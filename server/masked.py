@@ -10,9 +10,10 @@ thread count of one search.
   (search_preassigned, a bitmap selector: only kept rows are scored) until they hold the
   cover: :data:`IVF_COVER` times the rows the tuned nprobe covers unfiltered, at least
   :data:`IVF_MIN_COVER`, or :data:`IVF_FAR_COVER` when the lists an unfiltered search would
-  probe hold far fewer kept rows than the selectivity predicts (the filter keeps rows away
-  from the query: whole clusters elsewhere, where every centroid scores about the same and
-  the best kept rows are spread over many lists); and never more than :data:`IVF_MAX_SCAN`
+  probe hold fewer than k kept rows or far fewer than the selectivity predicts (part of the
+  answer lies away from the query: whole clusters elsewhere, or small clusters with a few
+  kept rows each, where every centroid scores about the same and the best kept rows are
+  spread over many lists); and never more than :data:`IVF_MAX_SCAN`
   entries read. When few rows are kept every list holding one is probed: exact. Where the
   lists probed hold under 2 % kept rows, those rows are gathered and scored instead of the
   lists being scanned (a scan reads every entry's id). IVF-SQ8
@@ -253,9 +254,9 @@ def _ivf(owner: Any, ivf: faiss.IndexIVF, xq: np.ndarray, k: int, mask: np.ndarr
         held = np.zeros(0, np.int64)
         while len(held) < len(ranked):
             held = np.concatenate([held, lists.kept(ranked[len(held) : len(held) + max(16, len(held))], mask)])
-            if _probed(held, sizes, _cover(held, sizes, nprobe, near, count / lists.n)) < len(held):
+            if _probed(held, sizes, _cover(held, sizes, nprobe, near, count / lists.n, k)) < len(held):
                 break
-    probe = _probed(held, sizes, _cover(held, sizes, nprobe, near, count / lists.n))
+    probe = _probed(held, sizes, _cover(held, sizes, nprobe, near, count / lists.n, k))
     useful = np.flatnonzero(held[:probe])
     if len(useful) < nprobe:  # at least the tuned nprobe lists that hold kept rows
         useful = np.flatnonzero(held)[:nprobe]
@@ -288,15 +289,17 @@ def _ivf(owner: Any, ivf: faiss.IndexIVF, xq: np.ndarray, k: int, mask: np.ndarr
     return _result(scores[0], found[0])
 
 
-def _cover(held: np.ndarray, sizes: np.ndarray, nprobe: int, near: float, selectivity: float) -> float:
+def _cover(held: np.ndarray, sizes: np.ndarray, nprobe: int, near: float, selectivity: float, k: int) -> float:
     """Kept rows to probe: ``near``, unless the nprobe lists an unfiltered search probes hold
-    clearly fewer kept rows than the selectivity predicts (3 standard deviations below: a
-    filter independent of the vectors, as a 10 % one on 200 rows, is not mistaken for one
-    that is not). Then the filter keeps rows away from the query (whole clusters elsewhere),
-    where every centroid scores about the same in high dimension and the best kept rows are
-    spread over many lists: IVF_FAR_COVER."""
+    fewer than k kept rows, or clearly fewer than the selectivity predicts (3 standard
+    deviations below: a filter independent of the vectors, as a 10 % one on 200 rows, is not
+    mistaken for one that is not). Then part of the answer lies away from the query (whole
+    clusters elsewhere; or clusters so small that a filter leaves a few rows in each: 200,000
+    items, 10 %), where every centroid scores about the same in high dimension and the best
+    kept rows are spread over many lists: IVF_FAR_COVER."""
+    own = held[:nprobe].sum()
     expected = selectivity * sizes[: min(nprobe, len(held))].sum()
-    if held[:nprobe].sum() >= expected - 3 * math.sqrt(expected):
+    if own >= k and own >= expected - 3 * math.sqrt(expected):
         return near
     return max(near, IVF_FAR_COVER)
 
