@@ -868,7 +868,13 @@ def run_peers(args, mixture: Mixture, queries: np.ndarray, work: Path, results: 
         "truth": {"unfiltered": truth["unfiltered"]},
         "cases": [c.spec() for c in cases[1:]],
     }
-    for system in ("chroma", "lance"):
+    if args.peer_rows_from:  # the engines' rows of an earlier run (same vectors, queries and filters)
+        earlier = json.loads(Path(args.peer_rows_from).read_text())["peers"]
+        if earlier["n"] != n:
+            raise SystemExit(f"--peer-rows-from holds a run at {earlier['n']:,} items, not {n:,}")
+        peers["systems"] = earlier["systems"]
+        peers["systems_from"] = str(args.peer_rows_from)
+    for system in args.peer_systems:
         print(f"\n== {system} ({n:,} items) ...", flush=True)
         folder = work / f"peer-{system}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -925,6 +931,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action="store_true", help="Chroma and LanceDB at --peer-n (the bench extra)")
     parser.add_argument("--peer-n", type=int, default=200_000)
     parser.add_argument("--peer-indexes", nargs="+", default=["Flat", "auto"])
+    parser.add_argument(
+        "--peer-systems", nargs="*", default=["chroma", "lance"], choices=["chroma", "lance"], help="engines to run"
+    )
+    parser.add_argument(
+        "--peer-rows-from", type=Path, default=None, help="take the engines' rows from an earlier run's JSON"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results/scale"))
     parser.add_argument("--workdir", type=Path, default=None, help="data directories (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep --workdir's contents")
