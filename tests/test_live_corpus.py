@@ -227,7 +227,7 @@ def test_upserts_deletes_and_compactions_killed_at_random_points(indexed, encode
 
     from xmodal import client as xc
 
-    from test_crash import start_server
+    from test_crash import TRIALS, start_server
 
     data = tmp_path / "data"
     shutil.copytree(indexed, data)
@@ -237,7 +237,7 @@ def test_upserts_deletes_and_compactions_killed_at_random_points(indexed, encode
     tried_deletes: set[str] = set()  # sent; applied or not when the server died before answering
     lock = threading.Lock()
     compactions = []
-    for trial in range(20):
+    for trial in range(TRIALS):
         proc, address = start_server(data, tmp_path)
         stop = threading.Event()
 
