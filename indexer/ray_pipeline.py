@@ -213,8 +213,9 @@ def _actor_pool(ray: Any, workers: int) -> Any:
     """The actor pool: each actor runs two batches at once, so that the decoding of one
     overlaps the forward pass of the other (the encoder's lock keeps one forward at a time),
     as the local pipeline's decoding threads do. One batch at a time, an actor alternated
-    decode and encode: on 2 cores one actor ran at 0.86x the local pipeline once started.
-    Ray Data before 2.4x has no threaded actor pools: one batch at a time there."""
+    decode and encode: on 2 cores one actor ran at 0.86x the local pipeline once started,
+    0.88-0.92x with two (docs/benchmarks.md). A Ray Data without these options runs one
+    batch at a time per actor."""
     parameters = inspect.signature(ray.data.ActorPoolStrategy).parameters
     if "enable_true_multi_threading" in parameters and "max_concurrent_calls_per_actor" in parameters:
         return ray.data.ActorPoolStrategy(
