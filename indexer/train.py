@@ -68,7 +68,7 @@ class FitConfig:
     norm_penalty: float = 10.0  # weight of ||g(x)||^2 is norm_penalty / (training pairs)
     cv_below: int = 200  # fewer validation pairs than this: cross-validate a new head instead
     cv_folds: int = 5
-    replay_weight: float = 1.0  # distillation on replayed old-style embeddings (when given)
+    replay_weight: float = 4.0  # distillation on replayed old-style embeddings (4 kept the old style; see docs)
     paper_temperature: float = 0.1  # the paper head's pairwise label loss
 
     def __post_init__(self):
