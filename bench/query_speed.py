@@ -12,7 +12,9 @@
    and queries/s with 1 and 16 clients, today's path (full-length torch, one encode at a
    time, no cache) against the fast one (--query-runtime, micro-batching), then the cache off
    and on with queries drawn from a Zipf law over 1,000 distinct queries. The clients run in
-   a process of their own (threads, one channel each), the server in the bench's.
+   a process of their own (threads, one channel each), the server in the bench's. The
+   configurations take turns over ``--rounds`` rounds (the order rotating); each figure is
+   the median of its rounds, and each ratio to today's is taken within a round.
 
     nice -n 10 python bench/query_speed.py --model ViT-B-32 --pretrained none \
         --roco ../shared/data/roco-ccby [--runtime onnx-int8] [--out bench/out/query_speed.json]
@@ -96,7 +98,8 @@ def top10_agreement(queries: dict[str, np.ndarray], gallery: np.ndarray) -> dict
 def encoders_of(model: str, pretrained: str | None, cache: Path | None, threads: int):
     base = load_encoder(model, pretrained, threads=threads)
     folder = exported(base, cache)
-    return base, {r: OnnxEncoder(base, r, folder, threads) for r in ("onnx", "onnx-int8")}
+    passes = QueryEncoding.passes
+    return base, {r: OnnxEncoder(base, r, folder, threads, passes) for r in ("onnx", "onnx-int8")}
 
 
 def quality(base, fast: dict, texts: list[str], pixels: torch.Tensor) -> dict:
@@ -216,6 +219,13 @@ def main() -> None:
     parser.add_argument("--batch-max", type=int, default=QueryEncoding.max_batch)
     parser.add_argument("--batch-wait-ms", type=float, default=QueryEncoding.max_wait_ms)
     parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--rounds", type=int, default=3, help="end-to-end rounds, the configurations' order rotating")
+    parser.add_argument(
+        "--compare-passes",
+        action="store_true",
+        help="also run the fast path with one encoder pass at a time and batches of 16 (the defaults before "
+        "--encode-passes)",
+    )
     parser.add_argument("--onnx-cache", type=Path, default=None, help="where exported models are kept")
     parser.add_argument(
         "--phases", default="encode,quality,search", help="which parts to run (comma-separated; default all)"
@@ -304,7 +314,8 @@ def end_to_end(report, base, fast, texts, records, roco, args) -> None:
                 QueryEncoding(runtime="torch", max_batch=1, cache_size=0),
                 True,
             ),
-            f"fast ({args.runtime}, batch {args.batch_max} / {args.batch_wait_ms} ms, no cache)": (
+            f"fast ({args.runtime}, batch {args.batch_max} / {args.batch_wait_ms} ms, "
+            f"{QueryEncoding.passes} passes at once, no cache)": (
                 fast.get(args.runtime, base),
                 QueryEncoding(
                     runtime=args.runtime, max_batch=args.batch_max, max_wait_ms=args.batch_wait_ms, cache_size=0
@@ -312,20 +323,48 @@ def end_to_end(report, base, fast, texts, records, roco, args) -> None:
                 False,
             ),
         }
+        if args.compare_passes and args.runtime != "torch":
+            one_pass = OnnxEncoder(base, args.runtime, exported(base, args.onnx_cache), args.threads, 1)
+            configs[f"fast, 1 pass at a time ({args.runtime}, batch 16, the first defaults)"] = (
+                one_pass,
+                QueryEncoding(
+                    runtime=args.runtime,
+                    max_batch=16,
+                    max_wait_ms=args.batch_wait_ms,
+                    cache_size=0,
+                    passes=1,
+                ),
+                False,
+            )
         report["search"] = {}
+        report["search_rounds"] = args.rounds
         for clients in (1, 16):
-            for name, (query_encoder, encoding, old_text_path) in configs.items():
-                base.truncate_text = not old_text_path
-                server = LiveServer(data, base, query_encoder, encoding)
-                try:
-                    share = queries if clients > 1 else queries[: max(16, args.searches // 4)]
-                    figures = drive(server.server.address, share, clients)
-                finally:
-                    server.close()
-                    base.truncate_text = True
-                report["search"][f"{clients} client(s), {name}"] = figures
-                print(f"{clients:>2} client(s), {name}: {figures}", flush=True)
-                save(report, args.out)
+            rounds: dict[str, list[dict]] = {name: [] for name in configs}
+            for r in range(args.rounds):
+                names = list(configs)
+                names = names[r % len(names) :] + names[: r % len(names)]  # a busy moment falls on each in turn
+                for name in names:
+                    query_encoder, encoding, old_text_path = configs[name]
+                    base.truncate_text = not old_text_path
+                    server = LiveServer(data, base, query_encoder, encoding)
+                    try:
+                        share = queries if clients > 1 else queries[: max(16, args.searches // 4)]
+                        figures = drive(server.server.address, share, clients)
+                    finally:
+                        server.close()
+                        base.truncate_text = True
+                    rounds[name].append(figures)
+                    print(f"round {r + 1}, {clients:>2} client(s), {name}: {figures}", flush=True)
+            today = rounds[next(iter(configs))]
+            for name, runs in rounds.items():
+                summary = {key: float(np.median([run[key] for run in runs])) for key in ("p50_ms", "p99_ms", "qps")}
+                summary["rounds"] = runs
+                summary["qps_vs_today_per_round"] = [run["qps"] / t["qps"] for run, t in zip(runs, today, strict=True)]
+                summary["p99_vs_today_per_round"] = [
+                    run["p99_ms"] / t["p99_ms"] for run, t in zip(runs, today, strict=True)
+                ]
+                report["search"][f"{clients} client(s), {name}"] = summary
+            save(report, args.out)
         distinct = [r["caption"] for r in roco_records(roco, 1000)]
         zipf = zipf_queries(distinct, args.searches * 2, 1.1, seed=0)
         report["cache"] = {"distinct queries": len(distinct), "searches": len(zipf), "zipf s": 1.1}

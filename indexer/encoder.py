@@ -164,6 +164,7 @@ class Encoder:
     """
 
     runtime = "torch"
+    passes = 1  # forward passes that may run at once (the lock): what a query batcher may feed
 
     def __init__(self, spec: ModelSpec, model: torch.nn.Module, preprocess, tokenizer, device: str = "cpu"):
         self.spec = spec

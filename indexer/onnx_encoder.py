@@ -147,14 +147,22 @@ def exported(encoder: Encoder, root: Path | None = None) -> Path:
 class OnnxEncoder:
     """The same vectors as a torch :class:`~.encoder.Encoder` (within :data:`MIN_COSINE`),
     from ONNX Runtime sessions on the CPU; preprocessing and tokenizing are the torch
-    encoder's own."""
+    encoder's own.
 
-    def __init__(self, base: Encoder, runtime: str, folder: Path, threads: int | None = None):
+    ``passes`` forward passes may run at once (ONNX Runtime sessions are thread-safe): a
+    pass of a few short texts cannot keep every intra-op thread busy, so a second one in
+    flight fills the gaps, while a lone query still has every thread.
+    """
+
+    def __init__(self, base: Encoder, runtime: str, folder: Path, threads: int | None = None, passes: int = 1):
         import onnxruntime as ort
 
         if runtime not in MIN_COSINE:
             raise InvalidArgument(f"unknown ONNX runtime {runtime!r}; choose one of {', '.join(MIN_COSINE)}")
+        if passes < 1:
+            raise InvalidArgument(f"passes must be at least 1, got {passes}")
         self.base = base
+        self.passes = passes
         self.runtime = runtime
         self.spec = base.spec
         self.dim = base.dim
@@ -174,7 +182,7 @@ class OnnxEncoder:
         providers = ["CPUExecutionProvider"]
         self._text = ort.InferenceSession(str(folder / f"text{suffix}.onnx"), options, providers=providers)
         self._image = ort.InferenceSession(str(folder / f"image{suffix}.onnx"), options, providers=providers)
-        self._lock = threading.Lock()  # one forward at a time: each already uses every intra-op thread
+        self._passes = threading.BoundedSemaphore(passes)  # forward passes in flight
 
     @property
     def identity(self) -> str:
@@ -194,7 +202,7 @@ class OnnxEncoder:
     def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
         """Texts in groups of similar length (as the torch encoder on a CPU), each group cut
         after its last end-of-text token."""
-        with self._lock:
+        with self._passes:
             return encode_in_length_groups(self.base.model, tokens, self._encode_tokens)
 
     def _encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
@@ -204,7 +212,7 @@ class OnnxEncoder:
 
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
         pixels = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
-        with self._lock:
+        with self._passes:
             (features,) = self._image.run(None, {"pixels": pixels})
         return _normalise(features)
 
@@ -247,10 +255,13 @@ def agreement(encoder, reference: Encoder) -> dict[str, float]:
     }
 
 
-def query_encoder(encoder: Encoder, runtime: str = "torch", *, threads: int | None = None, cache: Path | None = None):
+def query_encoder(
+    encoder: Encoder, runtime: str = "torch", *, threads: int | None = None, cache: Path | None = None, passes: int = 1
+):
     """The encoder a server encodes queries with: ``encoder`` itself for ``torch`` (and on a
     GPU, where torch is the fast path), else an :class:`OnnxEncoder` checked against it on the
-    probe set; one that fails the check is logged and torch is used instead.
+    probe set; one that fails the check is logged and torch is used instead. ``passes``: how
+    many forward passes the ONNX encoder runs at once (torch runs one).
 
     Raises:
         InvalidArgument: an unknown runtime.
@@ -263,7 +274,7 @@ def query_encoder(encoder: Encoder, runtime: str = "torch", *, threads: int | No
         log.info("query runtime %s is for the CPU; on %s queries are encoded by torch", runtime, encoder.device)
         return encoder
     try:
-        fast = OnnxEncoder(encoder, runtime, exported(encoder, cache), threads)
+        fast = OnnxEncoder(encoder, runtime, exported(encoder, cache), threads, passes)
     except ImportError as exc:
         raise FailedPrecondition(f"query runtime {runtime} needs onnxruntime and onnx ({exc}): install them") from None
     worst = agreement(fast, encoder)

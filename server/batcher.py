@@ -38,12 +38,15 @@ class QueryEncoding:
     max_batch: most queries of one modality encoded in one forward pass (1 = no batching).
     max_wait_ms: how long the first query of a batch waits for others to join it.
     cache_size: query embeddings kept in the LRU cache (0 = no cache).
+    passes: forward passes of the query encoder in flight at once, each on its own batch
+        (ONNX Runtime; the torch encoder runs one at a time whatever this says).
     """
 
     runtime: str = "torch"
-    max_batch: int = 16
+    max_batch: int = 8
     max_wait_ms: float = 2.0
     cache_size: int = DEFAULT_CACHE_SIZE
+    passes: int = 2
 
     def __post_init__(self):
         from xmodal.indexer.onnx_encoder import RUNTIMES
@@ -56,6 +59,8 @@ class QueryEncoding:
             raise InvalidArgument(f"max_wait_ms must be between 0 and 1000, got {self.max_wait_ms}")
         if self.cache_size < 0:
             raise InvalidArgument(f"cache_size must not be negative, got {self.cache_size}")
+        if not 1 <= self.passes <= 16:
+            raise InvalidArgument(f"passes must be between 1 and 16, got {self.passes}")
 
 
 class MicroBatcher:
@@ -65,6 +70,9 @@ class MicroBatcher:
         encode: items -> float32 (len(items), dim), one row per item in order.
         max_batch: 1 encodes each item in its caller's thread (no worker).
         max_wait_ms: how long a batch's first item waits for more.
+        workers: batches encoded at once, each by its own worker thread (the encoder's
+            ``passes``); a worker takes what waits when it is free, so under load
+            every worker is busy and the queue drains into their next batches.
         on_batch: called with each batch's size (metrics).
     """
 
@@ -74,17 +82,20 @@ class MicroBatcher:
         *,
         max_batch: int = 16,
         max_wait_ms: float = 2.0,
+        workers: int = 1,
         name: str = "encode",
         on_batch: Callable[[int], None] | None = None,
     ):
         self.encode = encode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
+        self.workers = max(1, workers)
         self.name = name
         self.on_batch = on_batch
         self._queue: queue.SimpleQueue[tuple[Any, Future]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
+        self._running = 0  # worker threads alive
+        self._idle = 0  # of which waiting for a first item
 
     def submit(self, item: Any) -> Future:
         """A future of ``item``'s row (dim,)."""
@@ -94,9 +105,11 @@ class MicroBatcher:
             return future
         with self._lock:
             self._queue.put((item, future))
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._loop, name=f"xmodal-batch-{self.name}", daemon=True)
-                self._worker.start()
+            if self._idle == 0 and self._running < self.workers:
+                self._running += 1
+                self._idle += 1
+                name = f"xmodal-batch-{self.name}-{self._running}"
+                threading.Thread(target=self._loop, name=name, daemon=True).start()
         return future
 
     def encode_one(self, item: Any, timeout: float | None = None) -> np.ndarray:
@@ -110,9 +123,12 @@ class MicroBatcher:
             except queue.Empty:
                 with self._lock:
                     if self._queue.empty():
-                        self._worker = None
+                        self._running -= 1
+                        self._idle -= 1
                         return
                 continue
+            with self._lock:
+                self._idle -= 1
             batch = [first]
             until = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
@@ -128,7 +144,11 @@ class MicroBatcher:
                     batch.append(self._queue.get(timeout=left))
                 except queue.Empty:
                     break
-            self._run(batch)
+            try:
+                self._run(batch)
+            finally:
+                with self._lock:
+                    self._idle += 1
 
     def _run(self, batch: list[tuple[Any, Future]]) -> None:
         batch = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]

@@ -108,6 +108,7 @@ class QueryPath:
             encode,
             max_batch=self.encoding.max_batch,
             max_wait_ms=self.encoding.max_wait_ms,
+            workers=getattr(self.encoder, "passes", 1),
             name=modality,
             on_batch=metrics.QUERY_BATCH.labels(modality).observe,
         )

@@ -104,6 +104,41 @@ def test_micro_batches_equal_single_encodes_and_a_bad_item_fails_alone(encoder):
     np.testing.assert_allclose(np.stack(results), single, atol=1e-5)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batcher_runs_as_many_batches_at_once_as_the_encoder_has_passes(workers):
+    from xmodal.server.batcher import MicroBatcher
+
+    meet = threading.Barrier(2, timeout=2)  # two passes at once, or a BrokenBarrierError
+    in_flight, most = [0], [0]
+    counting = threading.Lock()
+
+    def encode(items):
+        with counting:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            meet.wait()
+            return np.array([[float(i)] for i in items], np.float32)
+        finally:
+            with counting:
+                in_flight[0] -= 1
+
+    batcher = MicroBatcher(encode, max_batch=8, max_wait_ms=0, workers=workers, name="text")
+    first = batcher.submit(1)
+    while in_flight[0] == 0:  # the first batch holds its worker at the barrier
+        threading.Event().wait(0.005)
+    second = batcher.submit(2)
+    if workers == 2:  # a second worker takes it: both passes meet
+        assert first.result(10)[0] == 1.0 and second.result(10)[0] == 2.0
+        assert most[0] == 2
+    else:  # one pass at a time: the first times out alone, then the second does too
+        with pytest.raises(threading.BrokenBarrierError):
+            first.result(10)
+        with pytest.raises(threading.BrokenBarrierError):
+            second.result(10)
+        assert most[0] == 1
+
+
 class Serving:
     """A real gRPC server on an ephemeral port with the given query encoding."""
 
@@ -204,6 +239,12 @@ def test_onnx_query_encoder_is_checked_against_torch(encoder, exported, runtime,
     worst = onnx_encoder.agreement(fast, encoder)
     assert min(worst.values()) >= onnx_encoder.MIN_COSINE[runtime]
     np.testing.assert_allclose(fast.encode_texts(TEXTS), encoder.encode_texts(TEXTS), atol=0.02)
+    two = onnx_encoder.query_encoder(encoder, runtime, passes=2)  # two passes at once, same vectors
+    queries = captions(world_corpus, 12)
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda q: two.encode_texts([q])[0], queries))
+    alone = [fast.encode_texts([q])[0] for q in queries]  # (int8 quantizes per pass: compare single with single)
+    np.testing.assert_allclose(np.stack(parallel), np.stack(alone), atol=1e-5)
 
     torch_engine = SearchEngine(indexed, encoder)
     fast_engine = SearchEngine(indexed, encoder, query_encoder=fast)

@@ -51,7 +51,7 @@ def build_engine(
 
     encoding = encoding or QueryEncoding()
     encoder = load_encoder(model, pretrained, threads=threads, allow_pickle=allow_pickle, device=device)
-    fast = query_encoder(encoder, encoding.runtime, threads=threads)
+    fast = query_encoder(encoder, encoding.runtime, threads=threads, passes=encoding.passes)
     engine = SearchEngine(
         data,
         encoder,
@@ -153,6 +153,11 @@ QUERY_FLAGS: tuple[FieldFlag, ...] = (  # QueryEncoding's fields
     ("--batch-max", "max_batch", "most concurrent queries encoded in one forward pass (default %(default)s; 1 = off)"),
     ("--batch-wait-ms", "max_wait_ms", "how long a query waits for others to share its pass (default %(default)s)"),
     ("--query-cache", "cache_size", "query embeddings kept in an LRU cache (default %(default)s; 0 = off)"),
+    (
+        "--encode-passes",
+        "passes",
+        "query batches the ONNX encoder runs at once, each a forward pass (default %(default)s; torch runs one)",
+    ),
 )
 
 SCHEDULE_FLAGS: tuple[FieldFlag, ...] = (  # RefitPolicy's timing, besides REFIT OPTIONS
