@@ -4,9 +4,10 @@ Three ways to embed the same ROCO images (an image-only manifest, so the embed s
 all images), each on a fresh data directory with an identity head, every round:
 
 - local: ``index_corpus`` as ``xmodal index`` runs it (decoding threads + the encoder);
-- Ray, 1 worker: ``--ray`` on a local Ray with this machine's cores, one encoder actor
-  holding them all;
-- Ray, 2 workers: two actors of half the cores each.
+- Ray, 1 worker: ``--ray --ray-workers 1`` on a local Ray with this machine's cores, one
+  encoder actor holding them all (the default layout before one actor per core);
+- Ray, 2 workers: two actors of half the cores each (``--ray`` on a 2-core machine: the
+  default layout, one actor per core as memory allows, printed at the start).
 
 Ray's rate is taken over the whole embed step (actor start-up and model load included:
 what a run pays), and without the actors' start-up, measured apart in the same run: the
@@ -34,7 +35,7 @@ import torch
 
 from xmodal.indexer.encoder import load_encoder
 from xmodal.indexer.pipeline import index_corpus
-from xmodal.indexer.ray_pipeline import RayEmbedder, RayOptions, import_ray
+from xmodal.indexer.ray_pipeline import RayEmbedder, RayOptions, _layout, actor_bytes, import_ray
 from xmodal.indexer.train import FitConfig
 
 WAYS = ("local", "ray-1", "ray-2")
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
         f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
         f"ray {ray.__version__} (local Ray started in {ray_start:.1f} s), load average {os.getloadavg()[0]:.1f}"
     )
+    default = _layout(ray, RayOptions(), actor_bytes(encoder.model))
+    print(f"default layout here: {default.workers} actor(s) of {default.cpus:g} CPU")
     start_up = {way: actor_start_up(ray, args.model, args.pretrained, int(way[-1]), cores) for way in WAYS[1:]}
     print("encoder actors' start-up alone: " + ", ".join(f"{way} {s:.1f} s" for way, s in start_up.items()))
     results: dict[str, list[dict]] = {way: [] for way in WAYS}
@@ -145,7 +148,12 @@ def main(argv=None) -> int:
             f"{warm[way]:.2f} img/s without the actors' start-up ({warm[way] / mean['local']:.3f}x)"
         )
     if args.out:
-        figures = {"ray_start_seconds": ray_start, "actor_start_up_seconds": start_up, "runs": results}
+        figures = {
+            "ray_start_seconds": ray_start,
+            "default_layout": {"workers": default.workers, "cpus": default.cpus},
+            "actor_start_up_seconds": start_up,
+            "runs": results,
+        }
         Path(args.out).write_text(json.dumps(figures, indent=2))
     return 0
 

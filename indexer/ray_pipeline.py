@@ -61,7 +61,7 @@ class RayOptions:
     """Where and how wide ``xmodal index --ray`` runs. Validated on creation."""
 
     address: str = AUTO  # "auto": ray.init()'s choice (RAY_ADDRESS, a cluster started here, else a local Ray)
-    workers: int | None = None  # encoder actors (default: one per GPU, else one per node)
+    workers: int | None = None  # encoder actors (default: one per GPU, else one per core as memory allows)
     cpus_per_worker: float | None = None  # CPUs each actor reserves (default: its node's share)
     attempts: int = 3  # whole-dataset runs before giving up, on top of Ray's own retries
     allow_pickle: bool = False  # the encoder was loaded with allow_pickle: the actors load it the same way
@@ -97,22 +97,52 @@ class _Layout:
     threads: int  # torch threads (and decoding threads) per actor
 
 
-def _layout(ray: Any, options: RayOptions) -> _Layout:
+# What one CPU encoder actor holds besides its model's weights: a Python process with torch,
+# a batch's activations and the decoded images (ViT-B-32, 605 MB of weights, peaked at
+# 1.5 GB with a batch of 32 on one thread).
+ACTOR_OVERHEAD_BYTES = 1 << 30
+WEIGHTS_FACTOR = 1.5  # the weights, plus the state dict while a checkpoint loads
+
+
+def actor_bytes(model: torch.nn.Module) -> int:
+    """A CPU encoder actor's memory, estimated from its model's weights."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(WEIGHTS_FACTOR * weights) + ACTOR_OVERHEAD_BYTES
+
+
+def _layout(ray: Any, options: RayOptions, memory_per_actor: int = ACTOR_OVERHEAD_BYTES) -> _Layout:
+    """The pool: one actor per GPU on a GPU cluster; on CPUs, one actor per core of each node,
+    as many as the node's memory (Ray's ``memory`` resource) holds at ``memory_per_actor``
+    each. On CPUs small actors measured best: an actor of 1 CPU runs one torch thread and
+    its node's actors decode and encode side by side, where one actor of all the cores
+    spends part of each batch in torch's thread synchronisation."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    offered = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes]
-    node_cpus = [c for c in offered if c > 0] or [float(os.cpu_count() or 1)]  # a head may offer no CPUs
+    resources = [n.get("Resources", {}) for n in nodes]
+    node_cpus = [float(r.get("CPU", 0)) for r in resources if float(r.get("CPU", 0)) > 0]
+    node_memory = [float(r.get("memory", 0)) for r in resources if float(r.get("CPU", 0)) > 0]
+    if not node_cpus:  # a head may offer no CPUs
+        node_cpus, node_memory = [float(os.cpu_count() or 1)], [0.0]
     total_gpus = float(ray.cluster_resources().get("GPU", 0))
     if total_gpus >= 1:
         workers = options.workers or int(total_gpus)
-        gpus = 1.0
         per_node = max(1, math.ceil(workers / max(1, len(nodes))))
-    else:
-        workers = options.workers or len(node_cpus)
-        gpus = 0.0
-        per_node = max(1, math.ceil(workers / len(node_cpus)))
-    # an actor asking for more CPUs than a node has would never be placed
-    cpus = options.cpus_per_worker or max(1.0, math.floor(min(node_cpus) / per_node))
-    return _Layout(workers=workers, cpus=cpus, gpus=gpus, threads=max(1, int(cpus)))
+        # an actor asking for more CPUs than a node has would never be placed
+        cpus = options.cpus_per_worker or max(1.0, math.floor(min(node_cpus) / per_node))
+        return _Layout(workers=workers, cpus=cpus, gpus=1.0, threads=max(1, int(cpus)))
+    if options.workers:
+        per_node = max(1, math.ceil(options.workers / len(node_cpus)))
+        cpus = options.cpus_per_worker or max(1.0, math.floor(min(node_cpus) / per_node))
+        return _Layout(workers=options.workers, cpus=cpus, gpus=0.0, threads=max(1, int(cpus)))
+    # actors each node can hold: one per core, fewer where memory is short (never none)
+    fits = [
+        max(1, min(int(c), int(m // memory_per_actor) if m else int(c)))
+        for c, m in zip(node_cpus, node_memory, strict=True)
+    ]
+    cpus = options.cpus_per_worker or max(
+        1.0, float(min(math.floor(c / k) for c, k in zip(node_cpus, fits, strict=True)))
+    )
+    workers = sum(max(1, min(k, math.floor(c / cpus))) for c, k in zip(node_cpus, fits, strict=True))
+    return _Layout(workers=workers, cpus=cpus, gpus=0.0, threads=max(1, int(cpus)))
 
 
 class _EncoderActor:
@@ -286,8 +316,7 @@ class RayEmbedder:
             self.started_ray = True
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         self.blocks_arg = _blocks_arg()
-        self.layout = _layout(ray, self.options)
-        LOG.info("%s", self.describe())
+        self.layout = _layout(ray, self.options)  # refined in embed(), once the model is known
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -304,6 +333,8 @@ class RayEmbedder:
         through one actor pool (the model is loaded once per actor). Items committed by an
         earlier attempt (or an earlier, killed run) are not sent again."""
         ray = self.ray
+        self.layout = _layout(ray, self.options, actor_bytes(run.encoder.model))
+        LOG.info("%s", self.describe())
         run.report.notes.append(self.describe() + " (texts and images share them: images/s counts both)")
         self.timings = RayTimings()
         started = time.perf_counter()

@@ -101,11 +101,12 @@ class Killer(threading.Thread):
 
 @pytest.fixture(scope="module")
 def ray_run(corpus, encoder, hook, local_ray, tmp_path_factory):
-    """The Ray path with two actors, one of them killed mid-batch by the test."""
+    """The Ray path with its default layout (two actors of 1 CPU on the test's 2-CPU Ray),
+    one of them killed mid-batch by the test."""
     data = tmp_path_factory.mktemp("ray")
     killer = Killer(hook, data)
     killer.start()
-    with RayEmbedder(RayOptions(workers=2)) as embedder:
+    with RayEmbedder(RayOptions()) as embedder:
         report = index_corpus(corpus, data, encoder, ray=embedder, **RUN)
     killer.join(timeout=5)
     return data, report, killer
@@ -118,6 +119,7 @@ def test_ray_path_writes_what_the_local_path_writes(local_data, ray_run, encoder
 
     data, report, _ = ray_run
     assert report.embedded == {IMAGE: PAIRS, TEXT: PAIRS} and not report.failed
+    assert any(note.startswith("Ray: 2 encoder actor(s) of 1 CPU each") for note in report.notes)
     local, remote = DataDir(local_data), DataDir(data)
     for modality in (IMAGE, TEXT):
         a = BaseStore(local.base, Catalog(local.catalog_path)).load(modality)
@@ -173,3 +175,35 @@ def test_ray_options_are_checked():
         RayOptions(workers=0)
     with pytest.raises(ValueError):
         RayOptions(address=" ")
+
+
+class Cluster:
+    """What ``_layout`` reads of a Ray cluster: its nodes' resources (Ray's own format)."""
+
+    def __init__(self, *nodes: dict, gpus: float = 0):
+        self._nodes = [{"Alive": True, "Resources": resources} for resources in nodes]
+        self._gpus = gpus
+
+    def nodes(self):
+        return self._nodes
+
+    def cluster_resources(self):
+        return {"GPU": self._gpus} if self._gpus else {}
+
+
+def test_default_layout_is_one_actor_per_core_as_memory_allows():
+    from xmodal.indexer.ray_pipeline import _layout
+
+    gib = 1 << 30
+    one = _layout(Cluster({"CPU": 2, "memory": 16 * gib}), RayOptions(), 2 * gib)
+    assert (one.workers, one.cpus, one.threads) == (2, 1.0, 1)  # one per core
+    short = _layout(Cluster({"CPU": 8, "memory": 5 * gib}), RayOptions(), 2 * gib)
+    assert (short.workers, short.cpus, short.threads) == (2, 4.0, 4)  # memory for two: 4 cores each
+    tight = _layout(Cluster({"CPU": 4, "memory": 1 * gib}), RayOptions(), 2 * gib)
+    assert (tight.workers, tight.cpus) == (1, 4.0)  # never none
+    mixed = _layout(Cluster({"CPU": 4, "memory": 64 * gib}, {"CPU": 2, "memory": 64 * gib}), RayOptions(), 2 * gib)
+    assert (mixed.workers, mixed.cpus) == (6, 1.0)
+    asked = _layout(Cluster({"CPU": 8, "memory": 64 * gib}), RayOptions(workers=2), 2 * gib)
+    assert (asked.workers, asked.cpus) == (2, 4.0)  # --ray-workers still decides
+    gpu = _layout(Cluster({"CPU": 8, "GPU": 2, "memory": 64 * gib}, gpus=2), RayOptions(), 2 * gib)
+    assert (gpu.workers, gpu.gpus, gpu.cpus) == (2, 1.0, 4.0)

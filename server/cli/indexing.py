@@ -86,7 +86,7 @@ class IndexCommand(Command):
             type=int,
             default=None,
             metavar="N",
-            help="encoder actors (default: one per GPU of the cluster, else one per node with all its CPUs)",
+            help="encoder actors (default: one per GPU of the cluster, else one per core as each node's memory allows)",
         )
         add_progress_arg(parser)
 
