@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -357,7 +358,9 @@ def end_to_end(report, base, fast, texts, records, roco, args) -> None:
                     print(f"round {r + 1}, {clients:>2} client(s), {name}: {figures}", flush=True)
             today = rounds[next(iter(configs))]
             for name, runs in rounds.items():
-                summary = {key: float(np.median([run[key] for run in runs])) for key in ("p50_ms", "p99_ms", "qps")}
+                summary: dict[str, Any] = {
+                    key: float(np.median([run[key] for run in runs])) for key in ("p50_ms", "p99_ms", "qps")
+                }
                 summary["rounds"] = runs
                 summary["qps_vs_today_per_round"] = [run["qps"] / t["qps"] for run, t in zip(runs, today, strict=True)]
                 summary["p99_vs_today_per_round"] = [

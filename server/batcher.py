@@ -80,7 +80,7 @@ class MicroBatcher:
         self,
         encode: Callable[[Sequence[Any]], np.ndarray],
         *,
-        max_batch: int = 16,
+        max_batch: int = 8,
         max_wait_ms: float = 2.0,
         workers: int = 1,
         name: str = "encode",

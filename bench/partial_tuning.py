@@ -1,0 +1,292 @@
+"""Issue 14, item 5: does anything short of full fine-tuning close the gap on the target style?
+
+On the generated world's target style (the corpus of bench/adaptation.py: 5,000 train, 500
+val, 1,000 test pairs) the mlp head reaches text->image recall@10 0.705 and full fine-tuning
+of the tiny encoder 0.876. Two probes, each printing test recall@10 and wall time:
+
+- ``--heads``: wider, larger-batch and unregularised mlp heads, through ``fit_training_data``
+  exactly as ``xmodal fit`` trains them (is the head short of capacity?);
+- ``--head2toe``: Head2Toe's idea, features from every block of the locked image tower (the
+  class token and the mean of the patch tokens after each block, layer-normalised, beside
+  the final embedding), cached once; a residual mlp (dropout 0.1) maps them into the shared
+  space, the text side a residual mlp (do the earlier layers keep what the output lost?);
+- ``--tower text|image --blocks N``: the last N transformer blocks of one tower (with its
+  final norm and projection) trained on cached intermediate tokens, the other tower locked
+  with a residual mlp on its cached embeddings, CLIP's loss, early stopping on validation
+  (patience 8) within ``--max-seconds`` (LiT locks the image tower; the target style's
+  shift is in both). Caching the tokens is timed apart.
+
+    python bench/partial_tuning.py --heads
+    python bench/partial_tuning.py --head2toe
+    python bench/partial_tuning.py --tower text --blocks 2 --lr 5e-4
+    python bench/partial_tuning.py --tower image --blocks 2 --lr 1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import adaptation  # noqa: E402  (the same generated corpus)
+
+from xmodal.indexer.adapt import TrainingData, fit_training_data, held_out_metrics, open_data_dir  # noqa: E402
+from xmodal.indexer.encoder import DEMO_MODEL, load_encoder, resolve_model  # noqa: E402
+from xmodal.indexer.images import decode_image  # noqa: E402
+from xmodal.indexer.pipeline import index_corpus  # noqa: E402
+from xmodal.indexer.train import FitConfig, pairs_from_catalog  # noqa: E402
+from xmodal.indexer.vectors import load_vectors  # noqa: E402
+
+SIZES = {"train": 5000, "val": 500, "test": 1000}
+HEADS = {
+    "mlp (default)": FitConfig(kind="mlp"),
+    "mlp, hidden 2048": FitConfig(kind="mlp", hidden=2048),
+    "mlp, batch 1024, lr 4e-3": FitConfig(kind="mlp", batch_size=1024, lr=4e-3),
+    "mlp, no weight decay or norm penalty": FitConfig(kind="mlp", norm_penalty=0.0, weight_decay=0.0),
+}
+
+
+def heads(corpus: Path, data: Path) -> None:
+    encoder = load_encoder(DEMO_MODEL, None)
+    index_corpus(corpus, data, encoder, head=FitConfig(kind="identity"), progress=False)
+    _, catalog, store = open_data_dir(data)
+    vectors = load_vectors(store)
+    train = pairs_from_catalog(catalog, store, "train", label_field="label", vectors=vectors)
+    val = pairs_from_catalog(catalog, store, "val", label_field="label", vectors=vectors)
+    for name, config in HEADS.items():
+        started = time.perf_counter()
+        result = fit_training_data(TrainingData(vectors, train, val, None, None, [], 0), config, gated=False)
+        seconds = time.perf_counter() - started
+        metrics = held_out_metrics(catalog, vectors, result.head, "test")
+        print(
+            f"{name}: test t->i recall@10 {metrics['text_to_image']['recall@10']:.3f}, "
+            f"i->t {metrics['image_to_text']['recall@10']:.3f}, {seconds:.1f} s, {result.report.epochs} epochs",
+            flush=True,
+        )
+
+
+class MultiLayer(torch.nn.Module):
+    """Head2Toe's head: ``normalize(final + fc2(dropout(relu(fc1(all layers)))))``."""
+
+    def __init__(self, features: int, dim: int, hidden: int = 512):
+        super().__init__()
+        self.dim = dim
+        self.fc1, self.fc2 = torch.nn.Linear(features, hidden), torch.nn.Linear(hidden, dim)
+        torch.nn.init.zeros_(self.fc2.weight)
+        torch.nn.init.zeros_(self.fc2.bias)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x[:, : self.dim] + self.fc2(self.dropout(torch.relu(self.fc1(x)))), dim=-1)
+
+
+def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
+    name = resolve_model(DEMO_MODEL, None).model
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval()
+    visual = model.visual
+    started = time.perf_counter()
+    with torch.inference_mode():
+        pixels = torch.stack([preprocess(decode_image((corpus / r["image"]).read_bytes())) for r in records])
+        chunks = []
+        for s in range(0, len(pixels), 500):
+            x = pixels[s : s + 500]
+            x = visual.conv1(x).reshape(x.shape[0], visual.conv1.out_channels, -1).permute(0, 2, 1)
+            x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+            x = visual.ln_pre(x)
+            layers = []
+            for block in visual.transformer.resblocks:
+                x = block(x)
+                layers += [x[:, 0], x[:, 1:].mean(1)]
+            final = F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1)
+            chunks.append(torch.cat([final] + [F.layer_norm(f, f.shape[-1:]) for f in layers], dim=1))
+        images = torch.cat(chunks).float()
+        texts = F.normalize(model.encode_text(tokenizer([r["caption"] for r in records])).float(), dim=-1)
+    print(f"{images.shape[1]} image features cached in {time.perf_counter() - started:.1f} s", flush=True)
+    spans = {"train": (0, SIZES["train"]), "val": (SIZES["train"], SIZES["train"] + SIZES["val"])}
+    spans["test"] = (spans["val"][1], spans["val"][1] + SIZES["test"])
+    image_head, text_head = MultiLayer(images.shape[1], texts.shape[1]), Locked(texts.shape[1])
+    scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*image_head.parameters(), *text_head.parameters(), scale]
+    optimiser = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+
+    def recall(split: str) -> float:
+        a, b = spans[split]
+        image_head.eval()
+        with torch.no_grad():
+            top = (text_head(texts[a:b]) @ image_head(images[a:b]).T).topk(10, dim=1).indices
+        image_head.train()
+        return (top == torch.arange(b - a)[:, None]).any(1).float().mean().item()
+
+    started = time.perf_counter()
+    best, best_state, since, epoch = recall("val"), None, 0, 0
+    while time.perf_counter() - started < max_seconds and since < 15:
+        epoch += 1
+        order = torch.randperm(SIZES["train"])
+        for s in range(0, len(order), 256):
+            rows = order[s : s + 256]
+            logits = scale.exp() * text_head(texts[rows]) @ image_head(images[rows]).T
+            target = torch.arange(len(rows))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        score = recall("val")
+        if score > best:
+            best, best_state, since = score, [p.detach().clone() for p in params], 0
+        else:
+            since += 1
+    if best_state is not None:
+        with torch.no_grad():
+            for p, q in zip(params, best_state, strict=True):
+                p.copy_(q)
+    print(
+        f"head2toe: test t->i recall@10 {recall('test'):.3f} after {epoch} epochs, "
+        f"{time.perf_counter() - started:.1f} s (val {best:.3f} over 500)",
+        flush=True,
+    )
+
+
+class Locked(torch.nn.Module):
+    """The locked tower's side: a residual mlp on its cached, normalised embeddings."""
+
+    def __init__(self, dim: int, hidden: int = 512):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+        torch.nn.init.zeros_(self.fc2.weight)
+        torch.nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x + self.fc2(torch.relu(self.fc1(x))), dim=-1)
+
+
+def partial(corpus: Path, records: list[dict], tower: str, blocks: int, lr: float, max_seconds: float) -> None:
+    name = resolve_model(DEMO_MODEL, None).model
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval()
+    visual = model.visual
+    split = {s: [r for r in records if r["split"] == s] for s in SIZES}
+    text_blocks, image_blocks = model.transformer.resblocks, visual.transformer.resblocks
+
+    def image_tokens(rows: list[dict]) -> torch.Tensor:  # through the locked blocks
+        x = torch.stack([preprocess(decode_image((corpus / r["image"]).read_bytes())) for r in rows])
+        x = visual.conv1(x).reshape(x.shape[0], visual.conv1.out_channels, -1).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x)
+        for block in image_blocks[:-blocks]:
+            x = block(x)
+        return x
+
+    def text_tokens(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokenizer([r["caption"] for r in rows])
+        x = model.token_embedding(tokens) + model.positional_embedding
+        for block in text_blocks[:-blocks]:
+            x = block(x, attn_mask=model.attn_mask)
+        return x, tokens.argmax(dim=-1)  # the end-of-text positions
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if tower == "text":
+            cached = {s: tuple(t.clone() for t in text_tokens(rows)) for s, rows in split.items()}
+            pictures = [preprocess(decode_image((corpus / r["image"]).read_bytes())) for r in records]
+            other_all = F.normalize(model.encode_image(torch.stack(pictures)).float(), dim=-1)
+        else:
+            cached = {s: (image_tokens(rows).clone(),) for s, rows in split.items()}
+            other_all = F.normalize(model.encode_text(tokenizer([r["caption"] for r in records])).float(), dim=-1)
+    offsets = {"train": 0, "val": SIZES["train"], "test": SIZES["train"] + SIZES["val"]}
+    other = {s: other_all[offsets[s] : offsets[s] + len(split[s])].clone() for s in SIZES}
+    print(f"cached the locked part in {time.perf_counter() - started:.1f} s", flush=True)
+
+    tail = torch.nn.ModuleList(copy.deepcopy(b) for b in (text_blocks if tower == "text" else image_blocks)[-blocks:])
+    norm = copy.deepcopy(model.ln_final if tower == "text" else visual.ln_post)
+    projection = torch.nn.Parameter((model.text_projection if tower == "text" else visual.proj).detach().clone())
+    locked = Locked(other_all.shape[1])
+    scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*tail.parameters(), *norm.parameters(), projection, *locked.parameters(), scale]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+    def tuned(rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x = rows[0]
+        for block in tail:
+            x = block(x, attn_mask=model.attn_mask) if tower == "text" else block(x)
+        x = norm(x)
+        x = x[torch.arange(x.shape[0]), rows[1]] if tower == "text" else x[:, 0]
+        return F.normalize(x @ projection, dim=-1)
+
+    def text_image(s: str, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = tuned(tuple(t[rows] for t in cached[s]))
+        theirs = locked(other[s][rows])
+        return (mine, theirs) if tower == "text" else (theirs, mine)
+
+    def recall(s: str) -> float:
+        with torch.no_grad():
+            parts = [text_image(s, slice(i, i + 500)) for i in range(0, len(split[s]), 500)]
+            texts, images = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            top = (texts @ images.T).topk(10, dim=1).indices
+            return (top == torch.arange(len(texts))[:, None]).any(1).float().mean().item()
+
+    started = time.perf_counter()
+    best, best_state, since, epoch = recall("val"), None, 0, 0
+    while time.perf_counter() - started < max_seconds and since < 8:
+        epoch += 1
+        order = torch.randperm(SIZES["train"])
+        for s in range(0, len(order), 256):
+            texts, images = text_image("train", order[s : s + 256])
+            logits = scale.exp() * texts @ images.T
+            target = torch.arange(len(texts))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        score = recall("val")
+        if score > best:
+            best, best_state, since = score, [p.detach().clone() for p in params], 0
+        else:
+            since += 1
+        print(f"  epoch {epoch}: val t->i recall@10 {score:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    if best_state is not None:
+        with torch.no_grad():
+            for p, q in zip(params, best_state, strict=True):
+                p.copy_(q)
+    print(
+        f"{tower} tower, last {blocks} block(s) tuned: test t->i recall@10 {recall('test'):.3f} "
+        f"after {epoch} epochs, {time.perf_counter() - started:.1f} s (val {best:.3f} over 500)",
+        flush=True,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", action="store_true", help="the head sweep")
+    parser.add_argument("--head2toe", action="store_true", help="a head on every block's features")
+    parser.add_argument("--tower", choices=("text", "image"), default="text")
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-seconds", type=float, default=150.0)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        records = adaptation.write_target_corpus(corpus, SIZES)
+        if args.heads:
+            heads(corpus, Path(tmp) / "data")
+        elif args.head2toe:
+            head2toe(corpus, records, args.max_seconds)
+        else:
+            partial(corpus, records, args.tower, args.blocks, args.lr, args.max_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
