@@ -30,6 +30,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -72,6 +73,43 @@ def heads(corpus: Path, data: Path) -> None:
             f"i->t {metrics['image_to_text']['recall@10']:.3f}, {seconds:.1f} s, {result.report.epochs} epochs",
             flush=True,
         )
+
+
+def train(
+    params: list, lr: float, pair: Callable, recall: Callable, *, max_seconds: float, patience: int, log: bool
+) -> tuple[int, float, float]:
+    """CLIP's loss over the train pairs in batches of 256 (``pair(rows)``: their text and
+    image vectors; ``params[-1]`` is the logit scale), early stopping on validation recall
+    within ``max_seconds``; restores the best state. Returns (epochs, seconds, best val)."""
+    scale = params[-1]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    started = time.perf_counter()
+    best, best_state, since, epoch = recall("val"), None, 0, 0
+    while time.perf_counter() - started < max_seconds and since < patience:
+        epoch += 1
+        order = torch.randperm(SIZES["train"])
+        for s in range(0, len(order), 256):
+            texts, images = pair(order[s : s + 256])
+            logits = scale.exp() * texts @ images.T
+            target = torch.arange(len(texts))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        score = recall("val")
+        if score > best:
+            best, best_state, since = score, [p.detach().clone() for p in params], 0
+        else:
+            since += 1
+        if log:
+            print(
+                f"  epoch {epoch}: val t->i recall@10 {score:.3f} ({time.perf_counter() - started:.0f} s)", flush=True
+            )
+    if best_state is not None:
+        with torch.no_grad():
+            for p, q in zip(params, best_state, strict=True):
+                p.copy_(q)
+    return epoch, time.perf_counter() - started, best
 
 
 class MultiLayer(torch.nn.Module):
@@ -118,7 +156,6 @@ def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
     image_head, text_head = MultiLayer(images.shape[1], texts.shape[1]), Locked(texts.shape[1])
     scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = [*image_head.parameters(), *text_head.parameters(), scale]
-    optimiser = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
 
     def recall(split: str) -> float:
         a, b = spans[split]
@@ -128,31 +165,18 @@ def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
         image_head.train()
         return (top == torch.arange(b - a)[:, None]).any(1).float().mean().item()
 
-    started = time.perf_counter()
-    best, best_state, since, epoch = recall("val"), None, 0, 0
-    while time.perf_counter() - started < max_seconds and since < 15:
-        epoch += 1
-        order = torch.randperm(SIZES["train"])
-        for s in range(0, len(order), 256):
-            rows = order[s : s + 256]
-            logits = scale.exp() * text_head(texts[rows]) @ image_head(images[rows]).T
-            target = torch.arange(len(rows))
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        score = recall("val")
-        if score > best:
-            best, best_state, since = score, [p.detach().clone() for p in params], 0
-        else:
-            since += 1
-    if best_state is not None:
-        with torch.no_grad():
-            for p, q in zip(params, best_state, strict=True):
-                p.copy_(q)
+    epoch, seconds, best = train(
+        params,
+        2e-3,
+        lambda rows: (text_head(texts[rows]), image_head(images[rows])),
+        recall,
+        max_seconds=max_seconds,
+        patience=15,
+        log=False,
+    )
     print(
         f"head2toe: test t->i recall@10 {recall('test'):.3f} after {epoch} epochs, "
-        f"{time.perf_counter() - started:.1f} s (val {best:.3f} over 500)",
+        f"{seconds:.1f} s (val {best:.3f} over 500)",
         flush=True,
     )
 
@@ -214,7 +238,6 @@ def partial(corpus: Path, records: list[dict], tower: str, blocks: int, lr: floa
     locked = Locked(other_all.shape[1])
     scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = [*tail.parameters(), *norm.parameters(), projection, *locked.parameters(), scale]
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
     def tuned(rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x = rows[0]
@@ -236,32 +259,18 @@ def partial(corpus: Path, records: list[dict], tower: str, blocks: int, lr: floa
             top = (texts @ images.T).topk(10, dim=1).indices
             return (top == torch.arange(len(texts))[:, None]).any(1).float().mean().item()
 
-    started = time.perf_counter()
-    best, best_state, since, epoch = recall("val"), None, 0, 0
-    while time.perf_counter() - started < max_seconds and since < 8:
-        epoch += 1
-        order = torch.randperm(SIZES["train"])
-        for s in range(0, len(order), 256):
-            texts, images = text_image("train", order[s : s + 256])
-            logits = scale.exp() * texts @ images.T
-            target = torch.arange(len(texts))
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        score = recall("val")
-        if score > best:
-            best, best_state, since = score, [p.detach().clone() for p in params], 0
-        else:
-            since += 1
-        print(f"  epoch {epoch}: val t->i recall@10 {score:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    if best_state is not None:
-        with torch.no_grad():
-            for p, q in zip(params, best_state, strict=True):
-                p.copy_(q)
+    epoch, seconds, best = train(
+        params,
+        lr,
+        lambda rows: text_image("train", rows),
+        recall,
+        max_seconds=max_seconds,
+        patience=8,
+        log=True,
+    )
     print(
         f"{tower} tower, last {blocks} block(s) tuned: test t->i recall@10 {recall('test'):.3f} "
-        f"after {epoch} epochs, {time.perf_counter() - started:.1f} s (val {best:.3f} over 500)",
+        f"after {epoch} epochs, {seconds:.1f} s (val {best:.3f} over 500)",
         flush=True,
     )
 

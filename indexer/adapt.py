@@ -28,7 +28,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .corpus import IMAGE, TEXT
-from .errors import FailedPrecondition
+from .errors import FailedPrecondition, InvalidArgument
 from .evaluate import pair_metrics
 from .feedback import HeldOutQuery, feedback_pairs, held_out_queries, split_events
 from .fewshot import cross_validated_fit
@@ -118,6 +118,7 @@ def fit_pipeline(
     on_step: Callable[[str], None] | None = None,
     gated: bool = True,
     replay: dict[str, np.ndarray] | None = None,
+    teacher: Head | None = None,
     significance: bool = True,
 ) -> FitResult:
     """Load, gate, train and decide (steps 1-4); the caller writes (step 5).
@@ -133,6 +134,8 @@ def fit_pipeline(
             for comparisons of head kinds).
         replay: base vectors of old-style items by modality, kept where the live head (or
             zero-shot) puts them while training (see :func:`~.train.fit_head`).
+        teacher: where ``replay`` is kept for a new head (default zero-shot; a refit keeps
+            it where ``guard`` puts it).
         significance: a refit must also beat ``guard`` beyond noise (the gate's paired test
             at ``config.confidence``); off: not worse beyond ``tolerance`` is enough. New
             heads are always judged against zero-shot (unless not ``gated``).
@@ -165,6 +168,7 @@ def fit_pipeline(
         on_step=step,
         gated=gated,
         replay=replay,
+        teacher=teacher,
         significance=significance,
     )
 
@@ -181,6 +185,7 @@ def fit_training_data(
     on_step: Callable[[str], None] | None = None,
     gated: bool = True,
     replay: dict[str, np.ndarray] | None = None,
+    teacher: Head | None = None,
     significance: bool = True,
 ) -> FitResult:
     """Steps 2-4 of :func:`fit_pipeline` on training data already loaded (the benchmarks
@@ -196,7 +201,9 @@ def fit_training_data(
     elif gated and _cross_validates(config, data):
         step(f"cross-validating ({config.cv_folds} folds of {len(data.corpus_train) + len(data.corpus_val)} pairs)")
         pooled = PairSet.concat([data.corpus_train, data.corpus_val])
-        head, report, verdict, _ = cross_validated_fit(pooled, config, progress=progress)
+        head, report, verdict, _ = cross_validated_fit(
+            pooled, config, progress=progress, replay=replay, teacher=teacher
+        )
         return _settle_new(head, report, data, verdict, cross_validated=True)
     step(
         f"training ({'query' if query_adapter else 'full'} mode, {len(data.train)} pairs of which "
@@ -209,7 +216,8 @@ def fit_training_data(
             guard, data.query_modality or TEXT, data.train, None, config, progress=progress, score=gate.score
         )
     else:
-        teacher = guard.without_query_adapters() if guard is not None else None
+        if guard is not None:
+            teacher = guard.without_query_adapters()
         head, report = fit_head(
             data.train,
             None,
@@ -294,6 +302,8 @@ def fit_from_catalog(
     vectors: Vectors | None = None,
     feedback: bool = True,
     gated: bool = True,
+    replay_select: ReplaySelect | None = None,
+    teacher: Head | None = None,
 ) -> tuple[Head, FitReport, dict]:
     """An offline fit of a new head (no live head to guard), with its held-out report.
 
@@ -302,12 +312,16 @@ def fit_from_catalog(
             early-stop on the mean of corpus validation recall and held-out feedback recall
             (what a server refit does), so re-indexing or ``xmodal fit`` keeps what users
             taught the live head. Off for head comparisons on the corpus alone.
+        replay_select: picks the old-style items to replay (a mask over a modality's
+            embedded ids): their projections are kept where ``teacher`` (default zero-shot)
+            puts them while the head learns the rest (a mixed archive keeps its old style).
 
     Returns:
         (head, fit report, metrics {"zero_shot": ..., "adapted": ..., "fit": report,
         "feedback_pairs": n}) with zero-shot and adapted metrics on the test split.
     """
     vectors = vectors or load_vectors(store)
+    replay = replay_vectors(catalog, vectors, replay_select) if replay_select is not None else None
     result = fit_pipeline(
         catalog,
         store,
@@ -318,18 +332,48 @@ def fit_from_catalog(
         vectors=vectors,
         progress=progress,
         gated=gated,
+        replay=replay,
+        teacher=teacher,
     )
     head = result.head
-    metrics = {
+    metrics: dict = {
         "zero_shot": held_out_metrics(catalog, vectors, Head("identity", base_dim(vectors))),
         "fit": result.report.to_dict(),
         "feedback_pairs": result.data.feedback_pairs,
     }
     if result.verdict is not None:
         metrics["gate"] = result.verdict.to_dict()
+    if replay is not None:
+        metrics["replay"] = {
+            "items": {modality: len(rows) for modality, rows in replay.items()},
+            "teacher": teacher.kind if teacher is not None else "identity",
+            "weight": config.replay_weight,
+        }
     if head.kind != "identity":
         metrics["adapted"] = held_out_metrics(catalog, vectors, head)
     return head, result.report, metrics
+
+
+ReplaySelect = Callable[[Catalog, list[str]], np.ndarray]  # (catalog, ids) -> which to replay
+
+
+def replay_vectors(catalog: Catalog, vectors: Vectors, select: ReplaySelect) -> dict[str, np.ndarray]:
+    """The base vectors of the embedded items ``select`` picks, by modality.
+
+    Raises:
+        InvalidArgument: it picks none (a replay that keeps nothing is a mistake).
+    """
+    out = {}
+    for modality in (IMAGE, TEXT):
+        found = vectors.get(modality)
+        if found is None or not len(found):
+            continue
+        mask = np.asarray(select(catalog, list(found.ids)), dtype=bool)
+        if mask.any():
+            out[modality] = found.array[mask]
+    if not out:
+        raise InvalidArgument("the replay selection matches no embedded item: check the field and its values")
+    return out
 
 
 def write_fitted(
@@ -346,10 +390,20 @@ def write_fitted(
     warm_start: Head | None = None,
     progress: bool = False,
     feedback: bool = True,
+    replay_select: ReplaySelect | None = None,
+    teacher: Head | None = None,
 ) -> tuple[Manifest, FitReport]:
     """Fit a new head offline and write it as the current snapshot (steps 1-5)."""
     head, report, metrics = fit_from_catalog(
-        catalog, store, config, label_field=label_field, warm_start=warm_start, progress=progress, feedback=feedback
+        catalog,
+        store,
+        config,
+        label_field=label_field,
+        warm_start=warm_start,
+        progress=progress,
+        feedback=feedback,
+        replay_select=replay_select,
+        teacher=teacher,
     )
     manifest = write_snapshot(
         data,
@@ -388,6 +442,7 @@ def fit_snapshot(
     memory_budget: int | None = None,
     progress: bool = True,
     feedback: bool = True,
+    replay_select: ReplaySelect | None = None,
 ) -> tuple[Manifest, FitReport]:
     """Offline refit (`xmodal fit`): fit a head on a data directory and write (and make
     current) a snapshot.
@@ -399,11 +454,17 @@ def fit_snapshot(
         memory_budget: bytes an index may take, for ``auto`` (default: the live snapshot's
             when the factory is its too, else no limit).
         feedback: train on the feedback events too (see :func:`fit_from_catalog`).
+        replay_select: old-style items to keep where the live head puts them (zero-shot
+            when there is none, or when its projection has another size than the new
+            head's); see :func:`fit_from_catalog`.
     """
     data, catalog, store = open_data_dir(data_dir)
     current = data.current_id()
     live = Snapshot(data.snapshots / current) if current else None
     start = live.head if (warm_start and live is not None and live.head.kind == config.kind) else None
+    teacher = None
+    if replay_select is not None and live is not None and live.head.dim_out == live.head.dim_in:
+        teacher = live.head.without_query_adapters()  # a residual head or zero-shot: same space
     if factory is None:
         factory = live.manifest.requested_factory if live else DEFAULT_FACTORY
         if memory_budget is None and live is not None:
@@ -421,6 +482,8 @@ def fit_snapshot(
         warm_start=start,
         progress=progress,
         feedback=feedback,
+        replay_select=replay_select,
+        teacher=teacher,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,9 @@ def _by_image(keys: np.ndarray, parts: int, seed: int) -> np.ndarray:
     return part[np.searchsorted(unique, keys)]
 
 
-def cross_validate(pairs: PairSet, config: FitConfig) -> CrossValidation:
-    """Out-of-fold per-pair figures of ``config``'s head at each blend, and zero-shot's."""
+def cross_validate(pairs: PairSet, config: FitConfig, **fit: Any) -> CrossValidation:
+    """Out-of-fold per-pair figures of ``config``'s head at each blend, and zero-shot's;
+    ``fit``: more arguments of every fold's :func:`~.train.fit_head` (replay, teacher)."""
     folds = min(config.cv_folds, len(np.unique(pairs.image_keys)))
     fold = _by_image(pairs.image_keys, folds, config.seed)
     n = len(pairs)
@@ -64,7 +66,9 @@ def cross_validate(pairs: PairSet, config: FitConfig) -> CrossValidation:
         inner = _by_image(rest.image_keys, max(2, round(1 / INNER_FRACTION)), config.seed + 1 + f) == 0
         if inner.all() or not inner.any():
             inner = np.arange(len(rest)) % 5 == 0
-        head, report = fit_head(rest.subset(np.flatnonzero(~inner)), rest.subset(np.flatnonzero(inner)), inner_config)
+        head, report = fit_head(
+            rest.subset(np.flatnonzero(~inner)), rest.subset(np.flatnonzero(inner)), inner_config, **fit
+        )
         best_epochs.append(report.best_epoch)
         for blend in config.blends:
             candidates[blend][held_rows] = pair_scores(head.blended(blend), pairs, relevant, held_rows)
@@ -73,15 +77,16 @@ def cross_validate(pairs: PairSet, config: FitConfig) -> CrossValidation:
 
 
 def cross_validated_fit(
-    pairs: PairSet, config: FitConfig, *, progress: bool = False
+    pairs: PairSet, config: FitConfig, *, progress: bool = False, **fit: Any
 ) -> tuple[Head, FitReport, Verdict, CrossValidation]:
     """Cross-validate, judge (the gate's rule on the out-of-fold figures), then fit the head
     on all ``pairs`` for the folds' median epochs. The head is returned at blend 1; the
-    caller applies the verdict's blend (or 0)."""
-    cv = cross_validate(pairs, config)
+    caller applies the verdict's blend (or 0). ``fit``: more arguments of each
+    :func:`~.train.fit_head` (replay, teacher)."""
+    cv = cross_validate(pairs, config, **fit)
     candidates: dict[float | None, np.ndarray] = dict(cv.candidates.items())
     verdict = judge_scores(candidates, cv.zero_shot, config.confidence)
-    head, report = fit_head(pairs, None, replace(config, epochs=cv.epochs, patience=0), progress=progress)
+    head, report = fit_head(pairs, None, replace(config, epochs=cv.epochs, patience=0), progress=progress, **fit)
     # validation figures of the report: cross-validated recall@10 of zero-shot, and of the
     # head that goes live (the chosen blend, or zero-shot again when the gain is noise)
     report.val_before = float(cv.zero_shot.mean())

@@ -115,3 +115,77 @@ def test_identical_captions_are_interchangeable_in_metrics():
     )
     assert plain["text_to_image"]["recall@1"] == pytest.approx(1 / 3)
     assert grouped["text_to_image"]["recall@1"] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def mixed_archive(tmp_path_factory, encoder):
+    """An archive of two styles, indexed with zero-shot live: 160 items of the style the
+    encoder knows ("source") and 400 of a new scanner's ("target")."""
+    from xmodal.indexer.pipeline import index_corpus
+    from xmodal.indexer.train import FitConfig
+    from xmodal.indexer.world import write_corpus
+
+    root = tmp_path_factory.mktemp("mixed")
+    lines = []
+    for style, n, seed in (("source", 160, 3), ("target", 400, 4)):
+        folder = write_corpus(root / style, n=n, seed=seed, style=style, image_size=64)
+        for line in (folder / "captions.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            lines.append(json.dumps({**record, "image": str(folder / record["image"])}))
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    data = root / "data"
+    index_corpus(corpus, data, encoder, progress=False, head=FitConfig(kind="identity"))
+    return data
+
+
+def test_fit_replays_the_items_a_condition_picks_and_keeps_them_where_the_live_head_put_them(mixed_archive, tmp_path):
+    import shutil
+
+    from xmodal.indexer.catalog import Catalog
+    from xmodal.indexer.corpus import IMAGE, TEXT
+    from xmodal.indexer.store import BaseStore
+    from xmodal.indexer.vectors import load_vectors
+
+    heads = {}
+    for name, extra in (("plain", []), ("replayed", ["--replay-where", "style=source"])):
+        data = tmp_path / name
+        shutil.copytree(mixed_archive, data)
+        done = subprocess.run(
+            xmodal_cmd("fit", "--data", str(data), "--epochs", "20", "--no-progress", *extra),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        snapshot = load_current(DataDir(data))
+        assert snapshot.manifest.head_kind == "mlp" and snapshot.head.blend > 0, done.stdout  # it went live
+        heads[name] = snapshot.head
+        if extra:
+            replay = snapshot.manifest.metrics["replay"]
+            assert replay["items"] == {IMAGE: 160, TEXT: 160}  # every source-style image and caption
+            assert replay["teacher"] == "identity" and replay["weight"] == 4  # zero-shot was live
+            assert "replayed 160 images, 160 texts, kept where the identity head puts them" in done.stdout
+    catalog = Catalog(DataDir(mixed_archive).catalog_path)
+    vectors = load_vectors(BaseStore(DataDir(mixed_archive).base, catalog))
+
+    def kept(head, modality: str) -> float:  # how close the source-style items stay to zero-shot
+        found = vectors[modality]
+        old = found.array[[i for i, item in enumerate(found.ids) if item.startswith("source-")]]
+        return float((head.project(modality, old) * old).sum(1).mean())
+
+    for modality in (IMAGE, TEXT):
+        assert kept(heads["replayed"], modality) > kept(heads["plain"], modality) + 0.02
+
+    for condition, message in (
+        ("style", "--replay-where 'style': write FIELD=A,B"),  # unreadable: refused before any work
+        ("style=no-such", "matches no embedded item"),  # matches nothing: a replay that keeps nothing
+    ):
+        done = subprocess.run(
+            xmodal_cmd("fit", "--data", str(tmp_path / "plain"), "--replay-where", condition, "--no-progress"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 2 and message in done.stderr

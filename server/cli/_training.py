@@ -34,6 +34,12 @@ HEAD_FLAGS: tuple[FieldFlag, ...] = (
         "cv_below",
         "cross-validate a new head when there are fewer validation pairs than this (default %(default)s)",
     ),
+    (
+        "--replay-weight",
+        "replay_weight",
+        "weight of keeping replayed items (xmodal fit --replay-where) where the live head puts them "
+        "(default %(default)s)",
+    ),
 )
 
 REFIT_FLAGS: tuple[FieldFlag, ...] = (

@@ -170,9 +170,9 @@ class SearchCommand(ClientCommand):
 _WHERE = re.compile(r"^\s*([^<>=]+?)\s*(>=|<=|=)\s*(.*?)\s*$")
 
 
-def parse_where(conditions: list[str]) -> dict[str, object]:
-    """``--where`` flags as SearchClient.search's ``where``: FIELD=A,B (one of),
-    FIELD>=LOW and FIELD<=HIGH (a range; both on one field make one range).
+def parse_where(conditions: list[str], flag: str = "--where") -> dict[str, object]:
+    """``--where`` flags (or ``flag``'s) as SearchClient.search's ``where``: FIELD=A,B (one
+    of), FIELD>=LOW and FIELD<=HIGH (a range; both on one field make one range).
 
     Raises:
         ValueError: a condition it cannot read, saying which.
@@ -181,22 +181,22 @@ def parse_where(conditions: list[str]) -> dict[str, object]:
     for text in conditions:
         match = _WHERE.match(text)
         if not match or not match.group(3):
-            raise ValueError(f"--where {text!r}: write FIELD=A,B or FIELD>=LOW or FIELD<=HIGH")
+            raise ValueError(f"{flag} {text!r}: write FIELD=A,B or FIELD>=LOW or FIELD<=HIGH")
         name, op, value = match.groups()
         if op == "=":
             if name in where:
-                raise ValueError(f"--where {text!r}: {name} has a condition already")
+                raise ValueError(f"{flag} {text!r}: {name} has a condition already")
             where[name] = [v.strip() for v in value.split(",") if v.strip()]
             continue
         bound = _number_or_text(value)
         current = where.get(name, (None, None))
         if not isinstance(current, tuple):
-            raise ValueError(f"--where {text!r}: {name} has a condition already")
+            raise ValueError(f"{flag} {text!r}: {name} has a condition already")
         low: float | str | None = current[0]
         high: float | str | None = current[1]
         low, high = (bound, high) if op == ">=" else (low, bound)
         if low is not None and high is not None and isinstance(low, str) != isinstance(high, str):
-            raise ValueError(f"--where {text!r}: the ends of a range on {name} are both numbers or both text")
+            raise ValueError(f"{flag} {text!r}: the ends of a range on {name} are both numbers or both text")
         where[name] = (low, high)
     return where
 

@@ -158,8 +158,32 @@ class FitCommand(Command):
             action="store_true",
             help="train on the corpus pairs only (default: the feedback events' training slice too)",
         )
+        parser.add_argument(
+            "--replay-where",
+            action="append",
+            default=[],
+            metavar="CONDITION",
+            help="keep the items whose metadata matches (FIELD=A,B or FIELD>=LOW or FIELD<=HIGH, as search's "
+            "--where; repeat to AND) where the live head puts them: a mixed archive keeps its old style while the "
+            "head learns the new one (weight --replay-weight)",
+        )
         _add_index_args(parser, None, "default: what the live snapshot asked for, else auto")
         add_progress_arg(parser)
+
+    def validate(self, args: argparse.Namespace) -> None:
+        super().validate(args)
+        args.replay_select = None
+        if args.replay_where:
+            from xmodal.indexer.errors import InvalidArgument
+            from xmodal.server.filters import Columns, conditions_from_where
+
+            from .client_commands import parse_where
+
+            try:
+                conditions = conditions_from_where(parse_where(args.replay_where, "--replay-where"))
+            except (ValueError, InvalidArgument) as exc:
+                raise usage_error(args, str(exc)) from None
+            args.replay_select = lambda catalog, ids: Columns.from_catalog(catalog, ids).mask(conditions)
 
     def run(self, args: argparse.Namespace) -> int:
         from xmodal.indexer.adapt import fit_snapshot
@@ -174,9 +198,15 @@ class FitCommand(Command):
             memory_budget=args.memory_budget,
             progress=not args.no_progress,
             feedback=not args.no_feedback,
+            replay_select=args.replay_select,
         )
         print(report.summary())
         metrics = manifest.metrics
+        if metrics.get("replay"):
+            replay = metrics["replay"]
+            counts = ", ".join(f"{n} {modality}s" for modality, n in sorted(replay["items"].items()))
+            teacher, weight = replay["teacher"], replay["weight"]
+            print(f"  replayed {counts}, kept where the {teacher} head puts them (weight {weight:g})")
         if metrics.get("feedback_pairs"):
             print(
                 f"  trained on {metrics['feedback_pairs']} feedback pairs as well as the corpus pairs "
