@@ -140,33 +140,34 @@ def mixed_archive(tmp_path_factory, encoder):
     return data
 
 
-def test_fit_replays_the_items_a_condition_picks_and_keeps_them_where_the_live_head_put_them(mixed_archive, tmp_path):
+def test_fit_replays_the_items_a_condition_picks_and_keeps_them_where_the_live_head_put_them(
+    mixed_archive, tmp_path, capsys
+):
+    """`xmodal fit` in this process (the subprocess runs of the other tests cost a torch
+    import each)."""
     import shutil
 
     from xmodal.indexer.catalog import Catalog
     from xmodal.indexer.corpus import IMAGE, TEXT
     from xmodal.indexer.store import BaseStore
     from xmodal.indexer.vectors import load_vectors
+    from xmodal.server.cli import main
 
     heads = {}
     for name, extra in (("plain", []), ("replayed", ["--replay-where", "style=source"])):
         data = tmp_path / name
         shutil.copytree(mixed_archive, data)
-        done = subprocess.run(
-            xmodal_cmd("fit", "--data", str(data), "--epochs", "20", "--no-progress", *extra),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr
+        status = main(["fit", "--data", str(data), "--epochs", "20", "--no-progress", *extra])
+        out, err = capsys.readouterr()
+        assert status == 0, err
         snapshot = load_current(DataDir(data))
-        assert snapshot.manifest.head_kind == "mlp" and snapshot.head.blend > 0, done.stdout  # it went live
+        assert snapshot.manifest.head_kind == "mlp" and snapshot.head.blend > 0, out  # it went live
         heads[name] = snapshot.head
         if extra:
             replay = snapshot.manifest.metrics["replay"]
             assert replay["items"] == {IMAGE: 160, TEXT: 160}  # every source-style image and caption
             assert replay["teacher"] == "identity" and replay["weight"] == 4  # zero-shot was live
-            assert "replayed 160 images, 160 texts, kept where the identity head puts them" in done.stdout
+            assert "replayed 160 images, 160 texts, kept where the identity head puts them" in out
     catalog = Catalog(DataDir(mixed_archive).catalog_path)
     vectors = load_vectors(BaseStore(DataDir(mixed_archive).base, catalog))
 
@@ -182,10 +183,5 @@ def test_fit_replays_the_items_a_condition_picks_and_keeps_them_where_the_live_h
         ("style", "--replay-where 'style': write FIELD=A,B"),  # unreadable: refused before any work
         ("style=no-such", "matches no embedded item"),  # matches nothing: a replay that keeps nothing
     ):
-        done = subprocess.run(
-            xmodal_cmd("fit", "--data", str(tmp_path / "plain"), "--replay-where", condition, "--no-progress"),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 2 and message in done.stderr
+        status = main(["fit", "--data", str(tmp_path / "plain"), "--replay-where", condition, "--no-progress"])
+        assert status == 2 and message in capsys.readouterr().err
