@@ -48,7 +48,14 @@ def local_ray(hook):
     # Ray's workers take the environment the local Ray was started with: the hook goes in first
     os.environ[TEST_HOOK] = str(hook)
     try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        for attempt in range(3):  # on a loaded machine Ray's own start may time out: start it again
+            try:
+                ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                ray.shutdown()
     finally:
         del os.environ[TEST_HOOK]
     yield
