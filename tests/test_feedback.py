@@ -263,7 +263,9 @@ def test_full_refit_rebuilds_indexes_without_the_encoder(served, world_corpus, m
 def test_no_search_fails_or_mixes_snapshots_during_a_refit(served, world_corpus):
     data, start = served
     # a generous gate: this test is about the swap, not about the gate (tested below)
-    server = start(mode="full", epochs=60, tolerance=1.0)
+    # 10 epochs: long enough for searches to run before, during and after the swap (the
+    # 8 searching threads slow training; 60 epochs took ~70 s of CI's time for nothing more)
+    server = start(mode="full", epochs=10, tolerance=1.0)
     send_user_feedback(server, world_corpus, 200)
     queries = [r["id"] for r in records(world_corpus)[:16]]
     seen: dict[tuple[str, str], list[str]] = {}
