@@ -292,9 +292,10 @@ def test_upserts_deletes_and_compactions_killed_at_random_points(indexed, encode
                 assert state.find(item_id) is None, f"acknowledged delete of {item_id} undone"
             elif item_id not in tried_deletes:
                 assert state.find(item_id) is not None, f"acknowledged upsert of {item_id} lost"
-    assert len(acked_batches) >= 40 and len(deleted) >= 10
+    counts = f"{len(acked_batches)} batches, {len(deleted)} deletes acknowledged; compactions: {compactions}"
+    assert len(acked_batches) >= 40 and len(deleted) >= 10, counts
     # about 1.75 compactions sent per trial here; one per trial leaves room for a loaded machine
-    assert compactions.count("sent") >= TRIALS and len(compactions) - compactions.count("sent") >= 5
+    assert compactions.count("sent") >= TRIALS and len(compactions) - compactions.count("sent") >= 5, counts
     stored = {r[0] for r in engine.catalog.db().execute("SELECT id FROM items WHERE id LIKE 't%-w%'")}
     by_batch = {item_id.rsplit("-", 1)[0] for item_id in stored}
     for prefix in by_batch:  # a batch is there whole (less its acknowledged delete) or not at all
