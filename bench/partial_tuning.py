@@ -2,7 +2,8 @@
 
 On the generated world's target style (the corpus of bench/adaptation.py: 5,000 train, 500
 val, 1,000 test pairs) the mlp head reaches text->image recall@10 0.705 and full fine-tuning
-of the tiny encoder 0.876. Two probes, each printing test recall@10 and wall time:
+of the tiny encoder 0.876. Probes, each printing test recall@10 (identical captions count
+as interchangeable right answers, as ``held_out_metrics`` counts them) and wall time:
 
 - ``--heads``: wider, larger-batch and unregularised mlp heads, through ``fit_training_data``
   exactly as ``xmodal fit`` trains them (is the head short of capacity?);
@@ -10,16 +11,30 @@ of the tiny encoder 0.876. Two probes, each printing test recall@10 and wall tim
   class token and the mean of the patch tokens after each block, layer-normalised, beside
   the final embedding), cached once; a residual mlp (dropout 0.1) maps them into the shared
   space, the text side a residual mlp (do the earlier layers keep what the output lost?);
+- ``--tokens``: a head on the locked image tower's last 64 patch tokens (a learned query
+  attends over them; an mlp maps the pooled token and the final embedding to a residual
+  update), the text side a residual mlp (is the information in the tokens the class token
+  dropped?);
 - ``--tower text|image --blocks N``: the last N transformer blocks of one tower (with its
   final norm and projection) trained on cached intermediate tokens, the other tower locked
   with a residual mlp on its cached embeddings, CLIP's loss, early stopping on validation
   (patience 8) within ``--max-seconds`` (LiT locks the image tower; the target style's
-  shift is in both). Caching the tokens is timed apart.
+  shift is in both); the blocks train at ``--lr``, the other tower's mlp at the heads' 2e-3.
+  Caching the tokens is timed apart;
+- ``--diagnose``: where the default mlp fails and why: which facts of the scene (shape,
+  shade, position, size, background) the top image of each missed text query gets wrong,
+  and how well each fact can be read back from the locked image tower's features (an mlp
+  probe trained on the train pictures, accuracy on the test pictures): from its final
+  embedding, from every block's features (Head2Toe's), and from the picture's pixels
+  themselves (a small CNN on the 64 x 64 grey values: what the picture holds for a model
+  that is trained on it). Figures of 2026-12-01: docs/results/adaptation/partial_tuning.txt.
 
     python bench/partial_tuning.py --heads
+    python bench/partial_tuning.py --diagnose
     python bench/partial_tuning.py --head2toe
     python bench/partial_tuning.py --tower text --blocks 2 --lr 5e-4
-    python bench/partial_tuning.py --tower image --blocks 2 --lr 1e-3
+    python bench/partial_tuning.py --tokens
+    python bench/partial_tuning.py --tower image --blocks 1 --lr 1e-3
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 from torch.nn import functional as F
@@ -40,7 +56,9 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import adaptation  # noqa: E402  (the same generated corpus)
 
+from xmodal.indexer import world  # noqa: E402
 from xmodal.indexer.adapt import TrainingData, fit_training_data, held_out_metrics, open_data_dir  # noqa: E402
+from xmodal.indexer.corpus import IMAGE, TEXT  # noqa: E402
 from xmodal.indexer.encoder import DEMO_MODEL, load_encoder, resolve_model  # noqa: E402
 from xmodal.indexer.images import decode_image  # noqa: E402
 from xmodal.indexer.pipeline import index_corpus  # noqa: E402
@@ -76,13 +94,25 @@ def heads(corpus: Path, data: Path) -> None:
 
 
 def train(
-    params: list, lr: float, pair: Callable, recall: Callable, *, max_seconds: float, patience: int, log: bool
+    params: list,
+    lr: float,
+    pair: Callable,
+    recall: Callable,
+    *,
+    max_seconds: float,
+    patience: int,
+    log: bool,
+    head_params: list | None = None,
 ) -> tuple[int, float, float]:
     """CLIP's loss over the train pairs in batches of 256 (``pair(rows)``: their text and
-    image vectors; ``params[-1]`` is the logit scale), early stopping on validation recall
-    within ``max_seconds``; restores the best state. Returns (epochs, seconds, best val)."""
-    scale = params[-1]
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    image vectors), early stopping on validation recall within ``max_seconds``; restores the
+    best state. ``params`` train at ``lr``, ``head_params`` (a locked tower's mlp) at the
+    heads' 2e-3; the last of the last list is the logit scale. Returns (epochs, seconds, best val)."""
+    head_params = head_params or []
+    scale = (head_params or params)[-1]
+    groups = [{"params": params, "lr": lr}] + ([{"params": head_params, "lr": 2e-3}] if head_params else [])
+    optimiser = torch.optim.AdamW(groups, weight_decay=0.01)
+    params = params + head_params
     started = time.perf_counter()
     best, best_state, since, epoch = recall("val"), None, 0, 0
     while time.perf_counter() - started < max_seconds and since < patience:
@@ -112,6 +142,15 @@ def train(
     return epoch, time.perf_counter() - started, best
 
 
+def recall_at_10(texts: torch.Tensor, images: torch.Tensor, captions: list[str]) -> float:
+    """Text->image recall@10 as ``held_out_metrics`` counts it: any image whose caption is
+    the query's own (identical captions are interchangeable right answers) in the top 10."""
+    codes = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    label = torch.tensor([codes[c] for c in captions])
+    top = (texts @ images.T).topk(10, dim=1).indices
+    return (label[top] == label[:, None]).any(1).float().mean().item()
+
+
 class MultiLayer(torch.nn.Module):
     """Head2Toe's head: ``normalize(final + fc2(dropout(relu(fc1(all layers)))))``."""
 
@@ -127,13 +166,14 @@ class MultiLayer(torch.nn.Module):
         return F.normalize(x[:, : self.dim] + self.fc2(self.dropout(torch.relu(self.fc1(x)))), dim=-1)
 
 
-def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
+def block_features(corpus: Path, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head2Toe's features of every picture (the final embedding, then the layer-normalised
+    class token and mean patch token after each block) and the normalised text embeddings."""
     name = resolve_model(DEMO_MODEL, None).model
     model, _, preprocess = open_clip.create_model_and_transforms(name)
     tokenizer = open_clip.get_tokenizer(name)
     model.eval()
     visual = model.visual
-    started = time.perf_counter()
     with torch.inference_mode():
         pixels = torch.stack([preprocess(decode_image((corpus / r["image"]).read_bytes())) for r in records])
         chunks = []
@@ -150,7 +190,14 @@ def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
             chunks.append(torch.cat([final] + [F.layer_norm(f, f.shape[-1:]) for f in layers], dim=1))
         images = torch.cat(chunks).float()
         texts = F.normalize(model.encode_text(tokenizer([r["caption"] for r in records])).float(), dim=-1)
+    return images, texts
+
+
+def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
+    started = time.perf_counter()
+    images, texts = block_features(corpus, records)
     print(f"{images.shape[1]} image features cached in {time.perf_counter() - started:.1f} s", flush=True)
+    captions = [r["caption"] for r in records]
     spans = {"train": (0, SIZES["train"]), "val": (SIZES["train"], SIZES["train"] + SIZES["val"])}
     spans["test"] = (spans["val"][1], spans["val"][1] + SIZES["test"])
     image_head, text_head = MultiLayer(images.shape[1], texts.shape[1]), Locked(texts.shape[1])
@@ -161,9 +208,9 @@ def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
         a, b = spans[split]
         image_head.eval()
         with torch.no_grad():
-            top = (text_head(texts[a:b]) @ image_head(images[a:b]).T).topk(10, dim=1).indices
+            score = recall_at_10(text_head(texts[a:b]), image_head(images[a:b]), captions[a:b])
         image_head.train()
-        return (top == torch.arange(b - a)[:, None]).any(1).float().mean().item()
+        return score
 
     epoch, seconds, best = train(
         params,
@@ -176,6 +223,193 @@ def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
     )
     print(
         f"head2toe: test t->i recall@10 {recall('test'):.3f} after {epoch} epochs, "
+        f"{seconds:.1f} s (val {best:.3f} over 500)",
+        flush=True,
+    )
+
+
+FACTS = ("shape", "colour", "position", "size", "background")  # colour: a shade of grey in the target style
+
+
+def diagnose(corpus: Path, records: list[dict], data: Path) -> None:
+    """Where the default mlp misses, and which facts the locked tower's features still hold."""
+    encoder = load_encoder(DEMO_MODEL, None)
+    index_corpus(corpus, data, encoder, head=FitConfig(kind="identity"), progress=False)
+    _, catalog, store = open_data_dir(data)
+    vectors = load_vectors(store)
+    train = pairs_from_catalog(catalog, store, "train", label_field="label", vectors=vectors)
+    val = pairs_from_catalog(catalog, store, "val", label_field="label", vectors=vectors)
+    head = fit_training_data(
+        TrainingData(vectors, train, val, None, None, [], 0), FitConfig(kind="mlp"), gated=False
+    ).head
+    scene = {
+        f"{split}-{i:05d}": s
+        for split, n in SIZES.items()
+        for i, s in enumerate(world.scenes(n, adaptation.SPLIT_SEEDS[split]))
+    }
+    ids = [r["id"] for r in records]
+    rows = {m: {item: n for n, item in enumerate(vectors[m].ids)} for m in (IMAGE, TEXT)}
+    base = torch.from_numpy(vectors[IMAGE].array[[rows[IMAGE][i] for i in ids]])
+    test = [n for n, r in enumerate(records) if r["split"] == "test"]
+    text = head.project(TEXT, vectors[TEXT].array[[rows[TEXT][f"{ids[n]}#caption"] for n in test]])
+    image = head.project(IMAGE, base[test].numpy())
+    captions = [records[n]["caption"] for n in test]
+    top = torch.from_numpy(text @ image.T).topk(10, dim=1).indices
+    print(f"mlp: test t->i recall@10 {recall_at_10(torch.from_numpy(text), torch.from_numpy(image), captions):.3f}")
+    missed: dict[tuple[str, ...], int] = {}
+    wrong = dict.fromkeys(FACTS, 0)
+    for q, ranked in enumerate(top.tolist()):
+        first = scene[ids[test[ranked[0]]]]
+        facts = tuple(f for f in FACTS if getattr(first, f) != getattr(scene[ids[test[q]]], f))
+        for f in facts:
+            wrong[f] += 1
+        if not any(captions[r] == captions[q] for r in ranked):
+            missed[facts] = missed.get(facts, 0) + 1
+    print(
+        "share of test queries whose top image gets a fact wrong: "
+        + ", ".join(f"{f} {wrong[f] / len(test):.3f}" for f in FACTS)
+    )
+    print(f"{sum(missed.values())} missed queries; the facts their top image gets wrong:")
+    for facts, count in sorted(missed.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {' + '.join(facts) or '(none)'}: {count}")
+
+    labels = {f: sorted({getattr(s, f) for s in scene.values()}) for f in FACTS}
+    y = torch.tensor([[labels[f].index(getattr(scene[i], f)) for f in FACTS] for i in ids])
+    features = {"final embedding (128)": base}
+    started = time.perf_counter()
+    every_block, _ = block_features(corpus, records)
+    features[f"every block, Head2Toe ({every_block.shape[1]})"] = every_block
+    print(f"(block features in {time.perf_counter() - started:.1f} s)")
+    pixels = torch.stack(
+        [
+            torch.from_numpy(
+                np.asarray(decode_image((corpus / r["image"]).read_bytes()).convert("L"), dtype=np.float32)
+            )
+            for r in records
+        ]
+    )
+    for name, x in [*features.items(), ("pixels (64 x 64, a small CNN)", pixels[:, None] / 255.0)]:
+        started = time.perf_counter()
+        accuracy = probe(x, y, [len(labels[f]) for f in FACTS], conv=x.dim() == 4)
+        print(
+            f"probe on {name}: test accuracy "
+            + ", ".join(f"{f} {a:.3f}" for f, a in zip(FACTS, accuracy, strict=True))
+            + f" ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+
+
+def probe(x: torch.Tensor, y: torch.Tensor, classes: list[int], *, conv: bool, epochs: int = 40) -> list[float]:
+    """One probe with an output per fact, trained on the train pictures (AdamW, 40 epochs),
+    kept at its best validation epoch; returns each fact's test accuracy."""
+    train, val = slice(0, SIZES["train"]), slice(SIZES["train"], SIZES["train"] + SIZES["val"])
+    test = slice(val.stop, val.stop + SIZES["test"])
+    if conv:
+        body: torch.nn.Module = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 5, stride=2, padding=2), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 256), torch.nn.ReLU(),
+        )  # fmt: skip
+    else:
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+        x = (x - mean) / std
+        body = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.ReLU(), torch.nn.Dropout(0.2))
+    outs = torch.nn.ModuleList(torch.nn.Linear(256 if conv else 512, c) for c in classes)
+    params = [*body.parameters(), *outs.parameters()]
+    optimiser = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+    def accuracy(part: slice) -> list[float]:
+        body.eval()
+        with torch.no_grad():
+            h = body(x[part])
+            got = [(out(h).argmax(1) == y[part, k]).float().mean().item() for k, out in enumerate(outs)]
+        body.train()
+        return got
+
+    best, kept = -1.0, [0.0] * len(classes)
+    for _ in range(epochs):
+        order = torch.randperm(SIZES["train"])
+        for s in range(0, len(order), 128):
+            rows = order[s : s + 128]
+            h = body(x[rows])
+            loss = torch.stack([F.cross_entropy(out(h), y[rows, k]) for k, out in enumerate(outs)]).sum()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        score = sum(accuracy(val))
+        if score > best:
+            best, kept = score, accuracy(test)
+    return kept
+
+
+class TokenPool(torch.nn.Module):
+    """A head on the locked image tower's last patch tokens: a learned query attends over
+    them (4 heads) and an mlp maps ``[final embedding, pooled]`` to a residual update of the
+    final embedding, zero at the start."""
+
+    def __init__(self, width: int, dim: int, hidden: int = 512):
+        super().__init__()
+        self.dim = dim
+        self.norm = torch.nn.LayerNorm(width)
+        self.query = torch.nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.attend = torch.nn.MultiheadAttention(width, 4, batch_first=True)
+        self.fc1, self.fc2 = torch.nn.Linear(dim + width, hidden), torch.nn.Linear(hidden, dim)
+        torch.nn.init.zeros_(self.fc2.weight)
+        torch.nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, final: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        keys = self.norm(tokens)
+        pooled, _ = self.attend(self.query.expand(len(tokens), -1, -1), keys, keys, need_weights=False)
+        update = self.fc2(torch.relu(self.fc1(torch.cat([final, pooled[:, 0]], dim=1))))
+        return F.normalize(final + update, dim=-1)
+
+
+def token_head(corpus: Path, records: list[dict], max_seconds: float) -> None:
+    name = resolve_model(DEMO_MODEL, None).model
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval()
+    visual = model.visual
+    started = time.perf_counter()
+    with torch.inference_mode():
+        pixels = torch.stack([preprocess(decode_image((corpus / r["image"]).read_bytes())) for r in records])
+        finals, patches = [], []
+        for s in range(0, len(pixels), 500):
+            x = pixels[s : s + 500]
+            x = visual.conv1(x).reshape(x.shape[0], visual.conv1.out_channels, -1).permute(0, 2, 1)
+            x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+            x = visual.transformer(visual.ln_pre(x))
+            finals.append(F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1))
+            patches.append(x[:, 1:].clone())
+        final, tokens = torch.cat(finals).float(), torch.cat(patches).float()
+        texts = F.normalize(model.encode_text(tokenizer([r["caption"] for r in records])).float(), dim=-1)
+    print(
+        f"{tokens.shape[1]} x {tokens.shape[2]} patch tokens a picture, cached in {time.perf_counter() - started:.1f} s"
+    )
+    captions = [r["caption"] for r in records]
+    spans = {"train": (0, SIZES["train"]), "val": (SIZES["train"], SIZES["train"] + SIZES["val"])}
+    spans["test"] = (spans["val"][1], spans["val"][1] + SIZES["test"])
+    image_head, text_head = TokenPool(tokens.shape[2], final.shape[1]), Locked(texts.shape[1])
+    scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*image_head.parameters(), *text_head.parameters(), scale]
+
+    def recall(split: str) -> float:
+        a, b = spans[split]
+        with torch.no_grad():
+            return recall_at_10(text_head(texts[a:b]), image_head(final[a:b], tokens[a:b]), captions[a:b])
+
+    epoch, seconds, best = train(
+        params,
+        2e-3,
+        lambda rows: (text_head(texts[rows]), image_head(final[rows], tokens[rows])),
+        recall,
+        max_seconds=max_seconds,
+        patience=15,
+        log=True,
+    )
+    print(
+        f"token head: test t->i recall@10 {recall('test'):.3f} after {epoch} epochs, "
         f"{seconds:.1f} s (val {best:.3f} over 500)",
         flush=True,
     )
@@ -237,7 +471,7 @@ def partial(corpus: Path, records: list[dict], tower: str, blocks: int, lr: floa
     projection = torch.nn.Parameter((model.text_projection if tower == "text" else visual.proj).detach().clone())
     locked = Locked(other_all.shape[1])
     scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = [*tail.parameters(), *norm.parameters(), projection, *locked.parameters(), scale]
+    params = [*tail.parameters(), *norm.parameters(), projection]
 
     def tuned(rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x = rows[0]
@@ -256,8 +490,7 @@ def partial(corpus: Path, records: list[dict], tower: str, blocks: int, lr: floa
         with torch.no_grad():
             parts = [text_image(s, slice(i, i + 500)) for i in range(0, len(split[s]), 500)]
             texts, images = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            top = (texts @ images.T).topk(10, dim=1).indices
-            return (top == torch.arange(len(texts))[:, None]).any(1).float().mean().item()
+            return recall_at_10(texts, images, [r["caption"] for r in split[s]])
 
     epoch, seconds, best = train(
         params,
@@ -267,6 +500,7 @@ def partial(corpus: Path, records: list[dict], tower: str, blocks: int, lr: floa
         max_seconds=max_seconds,
         patience=8,
         log=True,
+        head_params=[*locked.parameters(), scale],
     )
     print(
         f"{tower} tower, last {blocks} block(s) tuned: test t->i recall@10 {recall('test'):.3f} "
@@ -279,6 +513,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", action="store_true", help="the head sweep")
     parser.add_argument("--head2toe", action="store_true", help="a head on every block's features")
+    parser.add_argument("--tokens", action="store_true", help="a head on the image tower's last patch tokens")
+    parser.add_argument(
+        "--diagnose", action="store_true", help="the mlp's misses, and probes of what the features hold"
+    )
     parser.add_argument("--tower", choices=("text", "image"), default="text")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -290,6 +528,10 @@ def main() -> int:
         records = adaptation.write_target_corpus(corpus, SIZES)
         if args.heads:
             heads(corpus, Path(tmp) / "data")
+        elif args.tokens:
+            token_head(corpus, records, args.max_seconds)
+        elif args.diagnose:
+            diagnose(corpus, records, Path(tmp) / "data")
         elif args.head2toe:
             head2toe(corpus, records, args.max_seconds)
         else:
