@@ -8,7 +8,8 @@ items left behind:
 - base shard rows no item uses any more (deleted or replaced items) are dropped;
 - every retained snapshot is rewritten without the items deleted (or replaced) since it
   was made, so a rollback finds no copy of them (:func:`~xmodal.indexer.snapshot.erase_from_snapshot`);
-- image files under ``blobs/`` no item uses are removed;
+- image files under ``blobs/`` no item uses are removed (found without a lock, then
+  checked again and unlinked under the write lock: an archive's walk never holds up upserts);
 - feedback events that still name a deleted item are removed;
 - the tombstones of the erased items are dropped (nothing holds them any more), and the
   catalog's WAL is checkpointed and truncated (with ``secure_delete`` on, deleted rows
@@ -180,8 +181,9 @@ class Compactor:
             if snapshot_id != current
             and erase_from_snapshot(self.data, self.catalog, self.store, snapshot_id, self.view.write_lock)
         ]
+        unused = self.unused_blobs()  # the walk of blobs/ holds no lock: upserts go on
         with self.view.write_lock:  # no upsert writes a blob or reloads meanwhile
-            removed_blobs = self._remove_unused_blobs()
+            removed_blobs = self.remove_blobs(unused)
             live = self.view.snapshot
             if live is not None and live.id in rewritten:  # a rollback made it live meanwhile
                 self.view.load_snapshot(live.id, force=True)
@@ -198,15 +200,32 @@ class Compactor:
             "forgotten_feedback": forgotten,
         }
 
-    def _remove_unused_blobs(self) -> int:
+    def unused_blobs(self) -> list[str]:
+        """Image files under blobs/ that no catalog row names now (paths relative to the
+        data directory). Read without a lock: an upsert may name one again before
+        :meth:`remove_blobs` runs, which checks again."""
         folder = self.data.root / "blobs"
         if not folder.is_dir():
-            return 0
+            return []
         used = {r[0] for r in self.catalog.db().execute("SELECT blob FROM items WHERE blob IS NOT NULL")}
+        found = (p.relative_to(self.data.root).as_posix() for p in folder.rglob("*") if p.is_file())
+        return [path for path in found if path not in used]  # a write's temporary file too: gone or debris later
+
+    def remove_blobs(self, candidates: list[str]) -> int:
+        """Unlink the candidates no catalog row names; the caller holds the write lock, so no
+        upsert writes or names a blob meanwhile. Blobs are content-addressed: an upsert of
+        the same image bytes after :meth:`unused_blobs` names the same file, and keeps it. A
+        temporary file seen mid-write was renamed since (missing here) or is debris."""
+        db = self.catalog.db()
+        named: set[str] = set()
+        for start in range(0, len(candidates), 500):
+            chunk = candidates[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            named.update(r[0] for r in db.execute(f"SELECT blob FROM items WHERE blob IN ({marks})", chunk))
         removed = 0
-        for path in folder.rglob("*"):
-            if path.is_file() and path.relative_to(self.data.root).as_posix() not in used:
-                path.unlink()
+        for path in candidates:
+            if path not in named:
+                (self.data.root / path).unlink(missing_ok=True)
                 removed += 1
         return removed
 

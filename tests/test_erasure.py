@@ -142,6 +142,27 @@ def test_a_plain_delete_is_erased_by_the_next_compaction(server):
     assert files_holding(server.engine.data.root, needles) == []
 
 
+def test_an_image_sent_again_while_a_compaction_looks_for_unused_files_is_kept(server):
+    """A compaction walks blobs/ for unused image files without the write lock (upserts go
+    on); the same picture upserted again meanwhile names the same file, which must stay."""
+    client = server.client
+    image = add_case(client)
+    client.compact()
+    client.delete_items(["case-1"])  # its image file is unused from here
+    root, compactor = server.engine.data.root, server.engine.compactor
+    unused = compactor.unused_blobs()
+    assert [path for path in unused if (root / path).read_bytes() == image] != []
+
+    client.upsert_items([xc.NewItem("case-2", image=image, source="new/case-2.png")])  # before the lock
+    with server.engine.view.write_lock:
+        assert compactor.remove_blobs(unused) == 0
+    assert client.get_items(["case-2"])[0].image == image
+
+    client.delete_items(["case-2"])
+    client.compact()  # now nothing names it: erased
+    assert files_holding(root, {"image bytes": image}) == []
+
+
 def test_a_rollback_to_a_snapshot_made_before_a_delete_never_brings_the_item_back(server, encoder):
     client = server.client
     add_case(client)
