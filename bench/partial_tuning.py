@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,16 +75,22 @@ HEADS = {
 }
 
 
-def heads(corpus: Path, data: Path) -> None:
-    encoder = load_encoder(DEMO_MODEL, None)
-    index_corpus(corpus, data, encoder, head=FitConfig(kind="identity"), progress=False)
+def indexed(corpus: Path, data: Path) -> tuple:
+    """The corpus indexed as ``xmodal index`` does (zero-shot head): its catalog, base
+    vectors and the train/val pairs that ``xmodal fit`` trains on."""
+    index_corpus(corpus, data, load_encoder(DEMO_MODEL, None), head=FitConfig(kind="identity"), progress=False)
     _, catalog, store = open_data_dir(data)
     vectors = load_vectors(store)
     train = pairs_from_catalog(catalog, store, "train", label_field="label", vectors=vectors)
     val = pairs_from_catalog(catalog, store, "val", label_field="label", vectors=vectors)
+    return catalog, vectors, TrainingData(vectors, train, val, None, None, [], 0)
+
+
+def heads(corpus: Path, data: Path) -> None:
+    catalog, vectors, training = indexed(corpus, data)
     for name, config in HEADS.items():
         started = time.perf_counter()
-        result = fit_training_data(TrainingData(vectors, train, val, None, None, [], 0), config, gated=False)
+        result = fit_training_data(training, config, gated=False)
         seconds = time.perf_counter() - started
         metrics = held_out_metrics(catalog, vectors, result.head, "test")
         print(
@@ -166,17 +173,28 @@ class MultiLayer(torch.nn.Module):
         return F.normalize(x[:, : self.dim] + self.fc2(self.dropout(torch.relu(self.fc1(x)))), dim=-1)
 
 
-def block_features(corpus: Path, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head2Toe's features of every picture (the final embedding, then the layer-normalised
-    class token and mean patch token after each block) and the normalised text embeddings."""
+@dataclass
+class LockedFeatures:
+    """What the locked towers give every pair, cached once: the image tower's final
+    embedding, Head2Toe's features (that embedding, then the layer-normalised class token
+    and mean patch token after each block), its last block's patch tokens, and the
+    normalised text embeddings."""
+
+    final: torch.Tensor
+    blocks: torch.Tensor
+    tokens: torch.Tensor
+    texts: torch.Tensor
+
+
+def locked_features(corpus: Path, records: list[dict]) -> LockedFeatures:
     name = resolve_model(DEMO_MODEL, None).model
     model, _, preprocess = open_clip.create_model_and_transforms(name)
     tokenizer = open_clip.get_tokenizer(name)
     model.eval()
     visual = model.visual
+    finals, blocks, tokens = [], [], []
     with torch.inference_mode():
         pixels = torch.stack([preprocess(decode_image((corpus / r["image"]).read_bytes())) for r in records])
-        chunks = []
         for s in range(0, len(pixels), 500):
             x = pixels[s : s + 500]
             x = visual.conv1(x).reshape(x.shape[0], visual.conv1.out_channels, -1).permute(0, 2, 1)
@@ -187,44 +205,12 @@ def block_features(corpus: Path, records: list[dict]) -> tuple[torch.Tensor, tor
                 x = block(x)
                 layers += [x[:, 0], x[:, 1:].mean(1)]
             final = F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1)
-            chunks.append(torch.cat([final] + [F.layer_norm(f, f.shape[-1:]) for f in layers], dim=1))
-        images = torch.cat(chunks).float()
+            finals.append(final)
+            blocks.append(torch.cat([final] + [F.layer_norm(f, f.shape[-1:]) for f in layers], dim=1))
+            tokens.append(x[:, 1:].clone())
         texts = F.normalize(model.encode_text(tokenizer([r["caption"] for r in records])).float(), dim=-1)
-    return images, texts
-
-
-def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
-    started = time.perf_counter()
-    images, texts = block_features(corpus, records)
-    print(f"{images.shape[1]} image features cached in {time.perf_counter() - started:.1f} s", flush=True)
-    captions = [r["caption"] for r in records]
-    spans = {"train": (0, SIZES["train"]), "val": (SIZES["train"], SIZES["train"] + SIZES["val"])}
-    spans["test"] = (spans["val"][1], spans["val"][1] + SIZES["test"])
-    image_head, text_head = MultiLayer(images.shape[1], texts.shape[1]), Locked(texts.shape[1])
-    scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = [*image_head.parameters(), *text_head.parameters(), scale]
-
-    def recall(split: str) -> float:
-        a, b = spans[split]
-        image_head.eval()
-        with torch.no_grad():
-            score = recall_at_10(text_head(texts[a:b]), image_head(images[a:b]), captions[a:b])
-        image_head.train()
-        return score
-
-    epoch, seconds, best = train(
-        params,
-        2e-3,
-        lambda rows: (text_head(texts[rows]), image_head(images[rows])),
-        recall,
-        max_seconds=max_seconds,
-        patience=15,
-        log=False,
-    )
-    print(
-        f"head2toe: test t->i recall@10 {recall('test'):.3f} after {epoch} epochs, "
-        f"{seconds:.1f} s (val {best:.3f} over 500)",
-        flush=True,
+    return LockedFeatures(
+        torch.cat(finals).float(), torch.cat(blocks).float(), torch.cat(tokens).float(), texts.clone()
     )
 
 
@@ -233,15 +219,8 @@ FACTS = ("shape", "colour", "position", "size", "background")  # colour: a shade
 
 def diagnose(corpus: Path, records: list[dict], data: Path) -> None:
     """Where the default mlp misses, and which facts the locked tower's features still hold."""
-    encoder = load_encoder(DEMO_MODEL, None)
-    index_corpus(corpus, data, encoder, head=FitConfig(kind="identity"), progress=False)
-    _, catalog, store = open_data_dir(data)
-    vectors = load_vectors(store)
-    train = pairs_from_catalog(catalog, store, "train", label_field="label", vectors=vectors)
-    val = pairs_from_catalog(catalog, store, "val", label_field="label", vectors=vectors)
-    head = fit_training_data(
-        TrainingData(vectors, train, val, None, None, [], 0), FitConfig(kind="mlp"), gated=False
-    ).head
+    _, vectors, training = indexed(corpus, data)
+    head = fit_training_data(training, FitConfig(kind="mlp"), gated=False).head
     scene = {
         f"{split}-{i:05d}": s
         for split, n in SIZES.items()
@@ -277,7 +256,7 @@ def diagnose(corpus: Path, records: list[dict], data: Path) -> None:
     y = torch.tensor([[labels[f].index(getattr(scene[i], f)) for f in FACTS] for i in ids])
     features = {"final embedding (128)": base}
     started = time.perf_counter()
-    every_block, _ = block_features(corpus, records)
+    every_block = locked_features(corpus, records).blocks
     features[f"every block, Head2Toe ({every_block.shape[1]})"] = every_block
     print(f"(block features in {time.perf_counter() - started:.1f} s)")
     pixels = torch.stack(
@@ -365,51 +344,61 @@ class TokenPool(torch.nn.Module):
         return F.normalize(final + update, dim=-1)
 
 
-def token_head(corpus: Path, records: list[dict], max_seconds: float) -> None:
-    name = resolve_model(DEMO_MODEL, None).model
-    model, _, preprocess = open_clip.create_model_and_transforms(name)
-    tokenizer = open_clip.get_tokenizer(name)
-    model.eval()
-    visual = model.visual
+def head2toe(corpus: Path, records: list[dict], max_seconds: float) -> None:
     started = time.perf_counter()
-    with torch.inference_mode():
-        pixels = torch.stack([preprocess(decode_image((corpus / r["image"]).read_bytes())) for r in records])
-        finals, patches = [], []
-        for s in range(0, len(pixels), 500):
-            x = pixels[s : s + 500]
-            x = visual.conv1(x).reshape(x.shape[0], visual.conv1.out_channels, -1).permute(0, 2, 1)
-            x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
-            x = visual.transformer(visual.ln_pre(x))
-            finals.append(F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1))
-            patches.append(x[:, 1:].clone())
-        final, tokens = torch.cat(finals).float(), torch.cat(patches).float()
-        texts = F.normalize(model.encode_text(tokenizer([r["caption"] for r in records])).float(), dim=-1)
-    print(
-        f"{tokens.shape[1]} x {tokens.shape[2]} patch tokens a picture, cached in {time.perf_counter() - started:.1f} s"
-    )
+    cached = locked_features(corpus, records)
+    print(f"{cached.blocks.shape[1]} image features cached in {time.perf_counter() - started:.1f} s", flush=True)
+    image_head = MultiLayer(cached.blocks.shape[1], cached.texts.shape[1])
+    locked_head("head2toe", image_head, (cached.blocks,), cached.texts, records, max_seconds, log=False)
+
+
+def token_head(corpus: Path, records: list[dict], max_seconds: float) -> None:
+    started = time.perf_counter()
+    cached = locked_features(corpus, records)
+    shape, seconds = cached.tokens.shape, time.perf_counter() - started
+    print(f"{shape[1]} x {shape[2]} patch tokens a picture, cached in {seconds:.1f} s", flush=True)
+    image_head = TokenPool(shape[2], cached.final.shape[1])
+    locked_head("token head", image_head, (cached.final, cached.tokens), cached.texts, records, max_seconds, log=True)
+
+
+def locked_head(
+    name: str,
+    image_head: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    texts: torch.Tensor,
+    records: list[dict],
+    max_seconds: float,
+    *,
+    log: bool,
+) -> None:
+    """Train ``image_head(*inputs)`` against a residual mlp on the text embeddings (CLIP's
+    loss, lr 2e-3, patience 15) and print its test recall@10."""
     captions = [r["caption"] for r in records]
     spans = {"train": (0, SIZES["train"]), "val": (SIZES["train"], SIZES["train"] + SIZES["val"])}
     spans["test"] = (spans["val"][1], spans["val"][1] + SIZES["test"])
-    image_head, text_head = TokenPool(tokens.shape[2], final.shape[1]), Locked(texts.shape[1])
+    text_head = Locked(texts.shape[1])
     scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = [*image_head.parameters(), *text_head.parameters(), scale]
 
     def recall(split: str) -> float:
         a, b = spans[split]
+        image_head.eval()
         with torch.no_grad():
-            return recall_at_10(text_head(texts[a:b]), image_head(final[a:b], tokens[a:b]), captions[a:b])
+            score = recall_at_10(text_head(texts[a:b]), image_head(*(x[a:b] for x in inputs)), captions[a:b])
+        image_head.train()
+        return score
 
     epoch, seconds, best = train(
         params,
         2e-3,
-        lambda rows: (text_head(texts[rows]), image_head(final[rows], tokens[rows])),
+        lambda rows: (text_head(texts[rows]), image_head(*(x[rows] for x in inputs))),
         recall,
         max_seconds=max_seconds,
         patience=15,
-        log=True,
+        log=log,
     )
     print(
-        f"token head: test t->i recall@10 {recall('test'):.3f} after {epoch} epochs, "
+        f"{name}: test t->i recall@10 {recall('test'):.3f} after {epoch} epochs, "
         f"{seconds:.1f} s (val {best:.3f} over 500)",
         flush=True,
     )
