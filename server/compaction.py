@@ -225,8 +225,11 @@ class Compactor:
         removed = 0
         for path in candidates:
             if path not in named:
-                (self.data.root / path).unlink(missing_ok=True)
-                removed += 1
+                try:
+                    (self.data.root / path).unlink()
+                    removed += 1
+                except FileNotFoundError:  # a temporary file renamed since
+                    pass
         return removed
 
     # -- in the background -----------------------------------------------------------------
