@@ -246,9 +246,9 @@ def _ids(value, name: str) -> list[str]:
     return ids
 
 
-def _filter(where: Mapping[str, object]) -> pb.Filter:
+def filter_message(where: Mapping[str, object]) -> pb.Filter:
     """``where`` (see SearchClient.search) as a Filter message; InvalidArgument for a shape
-    it cannot be."""
+    it cannot be. ``xmodal fit --replay-where`` reads its conditions through it too."""
     if not isinstance(where, Mapping):
         raise InvalidArgument(f"where must be a dict of field -> condition, got {type(where).__name__}")
     conditions = []
@@ -401,7 +401,7 @@ class SearchClient:
         query = _query(text, image, item_id)
         request = _request(pb.SearchRequest, query=query, target=_MODALITY_VALUES[target], k=k)
         if where:
-            request.filter.CopyFrom(_filter(where))
+            request.filter.CopyFrom(filter_message(where))
         with map_errors(self.target):
             response = self._search.Search(request, timeout=timeout or self.timeout, metadata=self._metadata)
         timing = {name: getattr(response.timing, name) for name in ("encode_ms", "head_ms", "search_ms", "total_ms")}

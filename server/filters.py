@@ -75,32 +75,6 @@ class Condition:
             raise InvalidArgument(f"{where}: min_text {self.min_text!r} is after max_text {self.max_text!r}")
 
 
-def conditions_from_where(where: dict[str, object]) -> list[Condition]:
-    """The ``where`` of :func:`~xmodal.server.cli.client_commands.parse_where` (field -> a
-    list of values, or a (low, high) range of numbers or of strings) as checked conditions."""
-    conditions = []
-    for name, value in where.items():
-        if isinstance(value, tuple):
-            low, high = value
-            if isinstance(low, str) or isinstance(high, str):
-                condition = Condition(
-                    field=name,
-                    min_text=None if low is None else str(low),
-                    max_text=None if high is None else str(high),
-                )
-            else:
-                condition = Condition(
-                    field=name, min=None if low is None else float(low), max=None if high is None else float(high)
-                )
-        elif isinstance(value, list):
-            condition = Condition(field=name, any_of=tuple(str(v) for v in value))
-        else:
-            raise InvalidArgument(f"condition on {name!r}: a list of values or a (low, high) range, got {value!r}")
-        condition.check()
-        conditions.append(condition)
-    return conditions
-
-
 def _number(value) -> float | None:
     """The numeric value of a metadata value or query string, or None."""
     if isinstance(value, bool):

@@ -174,14 +174,19 @@ class FitCommand(Command):
         super().validate(args)
         args.replay_select = None
         if args.replay_where:
+            from xmodal.client import XmodalError
+            from xmodal.client._client import filter_message
             from xmodal.indexer.errors import InvalidArgument
-            from xmodal.server.filters import Columns, conditions_from_where
+            from xmodal.server.filters import Columns
+            from xmodal.server.service import conditions_from_proto
 
             from .client_commands import parse_where
 
-            try:
-                conditions = conditions_from_where(parse_where(args.replay_where, "--replay-where"))
-            except (ValueError, InvalidArgument) as exc:
+            try:  # read as search reads --where: flags -> where -> Filter -> checked conditions
+                conditions = conditions_from_proto(filter_message(parse_where(args.replay_where, "--replay-where")))
+                for condition in conditions:
+                    condition.check()
+            except (ValueError, InvalidArgument, XmodalError) as exc:
                 raise usage_error(args, str(exc)) from None
             args.replay_select = lambda catalog, ids: Columns.from_catalog(catalog, ids).mask(conditions)
 
